@@ -1,0 +1,1 @@
+pytest_plugins = ["kuberl_operator.devcluster.pytest_plugin"]
