@@ -1,0 +1,1 @@
+"""One module per event; main.py registers them with kopf."""
