@@ -1,0 +1,140 @@
+"""The rollout server over real HTTP on 127.0.0.1: readiness, generation equal to in-process, clear errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+import torch
+
+from kuberl_runtime.config import ModelConfig, ModelInit
+from kuberl_runtime.engines import HFRolloutEngine, SamplingParams
+from kuberl_runtime.errors import PeerLost
+from kuberl_runtime.models import build_policy
+from kuberl_runtime.remote_rollout import RemoteRolloutEngine
+from kuberl_runtime.rollout_server import RolloutServer, RolloutService
+from kuberl_runtime.sync import WeightsVersionError
+
+pytestmark = pytest.mark.integration
+VOCAB = 32
+
+
+def make_engine() -> HFRolloutEngine:
+    cfg = ModelConfig(init=ModelInit(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                                     vocab_size=VOCAB, seed=3), tokenizer="builtin:arithmetic")
+    model = build_policy(cfg, VOCAB, torch.device("cpu"), torch.float32).eval().requires_grad_(False)
+    return HFRolloutEngine(model, pad_token_id=0, eos_token_id=2, shares_module=False)
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    doc = json.loads(resp.read())
+    conn.close()
+    return resp.status, doc
+
+
+@pytest.fixture
+def served():
+    servers = []
+
+    def serve(engine, **kwargs) -> RolloutServer:
+        server = RolloutServer(RolloutService(engine, vocab_size=VOCAB, **kwargs), host="127.0.0.1").start()
+        servers.append(server)
+        return server
+
+    yield serve
+    for s in servers:
+        s.close()
+
+
+PROMPTS = [torch.tensor(p) for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16])]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+
+
+def test_readiness_waits_for_the_trainers_weights_version(served):
+    engine = make_engine()
+    server = served(engine, target_version=3)
+    status, doc = call(server.port, "GET", "/readyz")
+    assert status == 503 and doc["ready"] is False and "version 0" in doc["reason"] and "at 3" in doc["reason"]
+    new = [(n, p + 0.01) for n, p in engine.model.named_parameters()]
+    server.service.load(new, version=3)
+    status, doc = call(server.port, "GET", "/readyz")
+    assert (status, doc["ready"], doc["weights_version"]) == (200, True, 3)
+    assert call(server.port, "GET", "/healthz")[0] == 200
+
+    loading = served(None)
+    status, doc = call(loading.port, "GET", "/readyz")
+    assert status == 503 and doc["reason"] == "engine loading"
+    status, doc = call(loading.port, "POST", "/generate", json.dumps({"prompts": [[1]]}).encode())
+    assert status == 503 and doc["error"] == "engine loading"
+
+
+def test_generate_over_http_equals_the_engine_in_process(served):
+    engine = make_engine()
+    server = served(engine)
+    local = make_engine().generate(PROMPTS, GREEDY)
+    body = {"prompts": [p.tolist() for p in PROMPTS], "sampling": GREEDY.__dict__, "weights_version": 0}
+    status, doc = call(server.port, "POST", "/generate", json.dumps(body).encode())
+    assert status == 200 and doc["weights_version"] == 0
+    assert doc["responses"] == [r.tolist() for r in local.response_ids]
+    # Log-probs travel as JSON floats and come back as the same float32 bits.
+    for got, want in zip(doc["logprobs"], local.response_logprobs):
+        assert torch.equal(torch.tensor(got, dtype=torch.float32), want)
+
+    # The trainer's client spreads prompts over two replicas and returns them in order.
+    client = RemoteRolloutEngine([f"127.0.0.1:{server.port}", f"127.0.0.1:{served(make_engine()).port}"])
+    gen = client.generate(PROMPTS, GREEDY)
+    assert [r.tolist() for r in gen.response_ids] == [r.tolist() for r in local.response_ids]
+    # Other batch compositions pad differently: the same tokens, log-probs equal up to float32 rounding.
+    for a, b in zip(gen.response_logprobs, local.response_logprobs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [p.tolist() for p in gen.prompt_ids] == [p.tolist() for p in PROMPTS]
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"prompts": []}).encode(), 400, "prompts: must be a non-empty list"),
+        (json.dumps({"prompts": [[1, "a"]]}).encode(), 400, "prompts[0]: must be a non-empty list of integers"),
+        (json.dumps({"prompts": [[1], [99]]}).encode(), 400, "prompts[1]: token id 99 outside the vocabulary [0, 32)"),
+        (json.dumps({"prompts": [[1]], "sampling": {"temp": 1}}).encode(), 400, "sampling: unknown fields temp"),
+        (json.dumps({"prompts": [[1]], "sampling": {"top_p": 0}}).encode(), 400, "0 < top_p <= 1"),
+        (json.dumps({"prompts": [[1]], "extra": 1}).encode(), 400, "unknown fields: extra"),
+        (json.dumps({"prompts": [[1]], "weights_version": 4}).encode(), 409, "holds weights version 0, the request expects 4"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_json_message(served, body, status, words):
+    server = served(make_engine())
+    got, doc = call(server.port, "POST", "/generate", body)
+    assert got == status and words in doc["error"], doc
+
+
+def test_wrong_paths_and_methods(served):
+    server = served(make_engine())
+    assert call(server.port, "GET", "/nope")[0] == 404
+    assert call(server.port, "POST", "/nope", b"{}")[0] == 404
+    assert call(server.port, "GET", "/generate")[0] == 405
+
+
+def test_the_client_names_a_stale_or_vanished_rollout(served):
+    server = served(make_engine())
+    client = RemoteRolloutEngine([f"127.0.0.1:{server.port}"], version=5)  # the trainer is at 5
+    with pytest.raises(WeightsVersionError, match="expects 5") as e:
+        client.generate(PROMPTS[:1], GREEDY)
+    assert (e.value.role, e.value.rank, e.value.exit_code) == ("rollout", 0, 75)
+    client.close()
+
+    gone = served(make_engine())
+    port = gone.port
+    gone.close()
+    client = RemoteRolloutEngine([f"127.0.0.1:{server.port}", f"127.0.0.1:{port}"])
+    with pytest.raises(PeerLost, match="stopped answering") as e:
+        client.generate(PROMPTS, GREEDY)
+    assert (e.value.role, e.value.rank) == ("rollout", 1)
+    assert client.unreachable() == [1]
+    client.close()
