@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from kuberl_runtime.config import Model, RuntimeConfig
+from kuberl_runtime.contract import MASTER_PORT, processes_per_pod
 
 GROUP = "kuberl.io"
 VERSION = "v1alpha1"
@@ -27,6 +28,18 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_IMAGE = "ghcr.io/kuberl/kuberl-runtime:0.1.0"
 
 Obj = dict[str, Any]  # a Kubernetes object fragment kept as-is (affinity, volumes, env entries)
+
+# Ports the pods declare besides runtime.logging.port itself (builders.build_pod): trainer rank 0 also
+# serves the rendezvous store on MASTER_PORT, and engine replica i of a rollout pod serves on port + i.
+MAX_PORT = 65535
+RENDEZVOUS_PORT_CLASH = (
+    f"must not be {MASTER_PORT}: trainer rank 0 serves the rendezvous store on that port "
+    "(its pod and the job's Service would declare the port twice)"
+)
+ENGINE_PORTS_OVERFLOW = (
+    "must leave room for the rollout pods' engine ports: engine replica i of a rollout pod serves on port + i, "
+    f"which must be at most {MAX_PORT} for every replica (roles.rollout.gpus / tensorParallelSize per pod)"
+)
 
 
 def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> Obj:
@@ -220,6 +233,19 @@ class RLJobSpec(Model):
                     ".roles.rollout.tensorParallelSize",
                 ),
                 cel(
+                    f"!has(self.runtime.logging) || self.runtime.logging.port != {MASTER_PORT}",
+                    RENDEZVOUS_PORT_CLASH,
+                    ".runtime.logging.port",
+                ),
+                cel(
+                    "self.placement != 'disaggregated' || !has(self.roles) || !has(self.roles.rollout) || "
+                    "self.roles.rollout.replicas == 0 || !has(self.runtime.logging) || "
+                    "self.runtime.logging.port - 1 + (self.roles.rollout.gpus >= self.roles.rollout.tensorParallelSize ? "
+                    f"self.roles.rollout.gpus / self.roles.rollout.tensorParallelSize : 1) <= {MAX_PORT}",
+                    ENGINE_PORTS_OVERFLOW,
+                    ".runtime.logging.port",
+                ),
+                cel(
                     "has(self.managedBy) == has(oldSelf.managedBy) && (!has(self.managedBy) || self.managedBy == oldSelf.managedBy)",
                     "field is immutable",
                     ".managedBy",
@@ -295,6 +321,16 @@ class RLJobSpec(Model):
                 "roles.rollout.tensorParallelSize: must equal runtime.rollout.tensorParallelSize (GPUs per engine "
                 f"replica), got {rollout.tensor_parallel_size} and runtime.rollout.tensorParallelSize {tp}"
             )
+        port = self.runtime.logging.port
+        if port == MASTER_PORT:
+            raise ValueError(f"runtime.logging.port: {RENDEZVOUS_PORT_CLASH}")
+        if self.placement == "disaggregated":
+            engines = processes_per_pod("rollout", rollout.gpus, rollout.tensor_parallel_size)
+            if port + engines - 1 > MAX_PORT:
+                raise ValueError(
+                    f"runtime.logging.port: {ENGINE_PORTS_OVERFLOW}; got {port} with {engines} engine replicas per "
+                    f"pod, so at most {MAX_PORT + 1 - engines}"
+                )
         if self.roles.trainer.replicas < 1:  # before check_world, which divides by the trainer ranks
             raise ValueError("roles.trainer.replicas: must be at least 1 (trainer rank 0 drives the job)")
         try:

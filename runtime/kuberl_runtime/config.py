@@ -388,7 +388,9 @@ class LoggingConfig(Model):
     tensorboard_dir: str | None = Field(None, description="Write TensorBoard event files here.")
     wandb: WandbConfig | None = Field(None, description="Log to Weights & Biases when wandb is installed.")
     port: int = Field(
-        8470, ge=1024, le=65535, description="Port of every pod's HTTP endpoint: /progress, /metrics, /healthz."
+        8470, ge=1024, le=65535,
+        description="Port of every pod's HTTP endpoint: /progress, /metrics, /healthz. Engine replica i of a "
+        "rollout pod serves on port + i, which must stay at most 65535. Not 29500, trainer rank 0's rendezvous port.",
     )
     log_every: int = Field(1, ge=1, description="Print and log metrics every this many steps.")
 

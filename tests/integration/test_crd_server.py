@@ -95,6 +95,8 @@ def contains(big, small) -> bool:
                                   '"disaggregated"'),
         ({"roles": {"trainer": {"replicas": -1}}}, "spec.roles.trainer.replicas: Invalid value: -1"),
         ({"roles": {"trainer": {"replica": 2}}}, "unknown field \"spec.roles.trainer.replica\""),
+        ({"runtime": {"model": {"path": "/m"}, "data": {"path": "/d"}, "logging": {"port": 29500}}},
+         "spec.runtime.logging.port: Invalid value: must not be 29500: trainer rank 0 serves the rendezvous store"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_rule_message(rljobs, namespace, spec, message):
@@ -103,6 +105,39 @@ def test_bad_specs_are_rejected_with_the_rule_message(rljobs, namespace, spec, m
         create(rljobs, namespace, body)
     assert e.value.status in (400, 422)
     assert message in json.loads(e.value.body)["message"], e.value.body
+
+
+def disaggregated_on_port(port: int, name: str = "job") -> dict:
+    """A job whose rollout pods run 8 one-GPU engines on port .. port + 7."""
+    body = minimal(name, placement="disaggregated", roles={"rollout": {"replicas": 2, "gpus": 8}})
+    body["spec"]["runtime"]["logging"] = {"port": port}
+    return body
+
+
+def test_engine_ports_past_65535_are_rejected_at_the_boundary(rljobs, namespace):
+    create(rljobs, namespace, disaggregated_on_port(65528))  # the last engine on 65535
+    with pytest.raises(ApiException) as e:
+        create(rljobs, namespace, disaggregated_on_port(65529))
+    message = json.loads(e.value.body)["message"]
+    assert ("spec.runtime.logging.port: Invalid value: must leave room for the rollout pods' engine ports: engine "
+            "replica i of a rollout pod serves on port + i, which must be at most 65535") in message, message
+
+
+def test_children_of_the_largest_valid_port_are_accepted(kube_api, rljobs, namespace):
+    """What the CRD accepts at the boundary builds pods and a Service the API server takes (dry run)."""
+    from kuberl_operator.api import parse_spec
+    from kuberl_operator.builders import JobRef, build_pods, build_service
+
+    created = create(rljobs, namespace, disaggregated_on_port(65528, "edge"), dry_run=False)
+    job = JobRef("edge", namespace, created["metadata"]["uid"])
+    spec = parse_spec(created["spec"])
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_service(namespace, build_service(job, spec), dry_run="All")
+    pods = build_pods(job, spec, restart=0)
+    ports = {p["containerPort"] for pod in pods for p in pod["spec"]["containers"][0]["ports"]}
+    assert max(ports) == 65535
+    for pod in pods:
+        core.create_namespaced_pod(namespace, pod, dry_run="All")
 
 
 def test_missing_runtime_is_rejected(rljobs, namespace):

@@ -98,6 +98,13 @@ RULES = [
     ("batch-does-not-split-over-ranks", dict(roles={"trainer": {"replicas": 3, "gpus": 1}},
                                              runtime={"training": {"globalBatchSize": 4, "microBatchSize": 1}}),
      "spec.runtime.training.miniBatchSize: 4 prompts x algorithm.samplesPerPrompt 8 = 32 sequences must split evenly over 3 trainer ranks"),
+    ("logging-port-is-rendezvous-port", dict(runtime={"logging": {"port": 29500}}),
+     "spec.runtime.logging.port: must not be 29500: trainer rank 0 serves the rendezvous store on that port"),
+    ("engine-ports-past-65535", dict(placement="disaggregated", roles={"rollout": {"gpus": 8}},
+                                     runtime={"logging": {"port": 65529}}),
+     "spec.runtime.logging.port: must leave room for the rollout pods' engine ports: engine replica i of a rollout "
+     "pod serves on port + i, which must be at most 65535 for every replica (roles.rollout.gpus / "
+     "tensorParallelSize per pod); got 65529 with 8 engine replicas per pod, so at most 65528"),
     ("no-trainer", dict(roles={"trainer": {"replicas": 0}}),
      "spec.roles.trainer.replicas: must be at least 1"),
     ("unknown-role-field", dict(roles={"trainer": {"gpu": 8}}), "spec.roles.trainer.gpu: unknown field"),
@@ -242,6 +249,11 @@ def test_cel_rules_exist_for_the_cross_field_rules():
                      "engines are not tensor-parallel); use engine: vllm for tensor parallelism",
                      "roles.rollout.tensorParallelSize: must equal runtime.rollout.tensorParallelSize (GPUs per "
                      "engine replica)",
+                     "runtime.logging.port: must not be 29500: trainer rank 0 serves the rendezvous store on that "
+                     "port (its pod and the job's Service would declare the port twice)",
+                     "runtime.logging.port: must leave room for the rollout pods' engine ports: engine replica i of a "
+                     "rollout pod serves on port + i, which must be at most 65535 for every replica "
+                     "(roles.rollout.gpus / tensorParallelSize per pod)",
                      "managedBy: field is immutable"):
         assert expected in messages
 
@@ -264,6 +276,35 @@ def test_cel_has_is_guarded(path, node, rule):
             guarded = f"has({prefix})" in rule["rule"]
             assert guarded or _required(node, fields[:i]), f"{prefix} may be absent in rule {rule['rule']!r}"
 
+
+def _rollout_ports(gpus: int | None, tp: int, port: int) -> dict:
+    """A disaggregated job on `port` whose rollout pods have `gpus` (None: the default 1) and run
+    gpus / tp engine replicas each (one without GPUs)."""
+    rollout = {} if gpus is None else {"gpus": gpus}
+    runtime: dict = {"logging": {"port": port}}
+    if tp > 1:
+        rollout["tensorParallelSize"] = tp
+        runtime["rollout"] = {"engine": "vllm", "tensorParallelSize": tp}
+    return dict(placement="disaggregated", roles={"rollout": rollout}, runtime=runtime)
+
+
+ENGINES_FULL = "runtime.logging.port: must leave room for the rollout pods' engine ports"
+# (rollout gpus (None: the default 1), tensorParallelSize, engine replicas per pod): the largest valid
+# port is 65536 - engines; one more puts the last engine on 65536.
+ENGINE_LAYOUTS = [(8, 1, 8), (64, 1, 64), (8, 2, 4), (3, 1, 3)]
+ENGINE_PORT_TWINS = [
+    (_rollout_ports(gpus, tp, 65536 - engines + over), ENGINES_FULL if over else None)
+    for gpus, tp, engines in ENGINE_LAYOUTS for over in (0, 1)
+] + [
+    # One engine per pod (one GPU, or none): the field's own maximum is the largest valid port.
+    (_rollout_ports(None, 1, 65535), None),
+    (_rollout_ports(0, 1, 65535), None),
+    # Only rollout pods add engine ports: trainer processes share their pod's one HTTP port.
+    (dict(roles={"trainer": {"gpus": 64}}, runtime={"logging": {"port": 65535}}), None),
+    # No rollout pods to serve them: only the colocated rule fails.
+    (dict(roles={"rollout": {"gpus": 8}}, runtime={"logging": {"port": 65535}}),
+     "roles.rollout.replicas: must be 0 when placement is colocated"),
+]
 
 # (spec overrides, message of the rule that must fail or None when every rule passes)
 TWINS = [
@@ -297,6 +338,13 @@ TWINS = [
           runtime={"rollout": {"engine": "vllm", "tensorParallelSize": 2}}),
      "roles.rollout.tensorParallelSize: must equal runtime.rollout.tensorParallelSize"),
     (dict(roles={"trainer": {"gpus": 8, "tensorParallelSize": 2}}), None),  # colocated: the rule is about rollout pods
+    # Ports: rollout pods declare port .. port + engines - 1; trainer rank 0 declares port and 29500.
+    *ENGINE_PORT_TWINS,
+    (dict(runtime={"logging": {"port": 29500}}), "runtime.logging.port: must not be 29500"),
+    (dict(runtime={"logging": {"port": 29499}}), None),
+    (dict(runtime={"logging": {"port": 29501}}), None),
+    # A rollout pod's engine ports may pass 29500: the rendezvous store is only in trainer rank 0's pod.
+    (dict(placement="disaggregated", roles={"rollout": {"gpus": 8}}, runtime={"logging": {"port": 29499}}), None),
 ]
 
 

@@ -318,6 +318,27 @@ def test_trainer_rank_0_exposes_the_rendezvous_port():
         "http": 8470, "rendezvous": contract.MASTER_PORT}
 
 
+@pytest.mark.parametrize("rollout, runtime, port, last", [
+    ({"gpus": 8}, {}, 65528, 65535),  # 8 one-GPU engines: the largest valid port for this layout
+    ({"gpus": 8, "tensorParallelSize": 2}, {"rollout": {"engine": "vllm", "tensorParallelSize": 2}}, 65532, 65535),
+    ({"gpus": 64}, {}, 65472, 65535),
+    ({"gpus": 8}, {}, 29499, 29506),  # a rollout pod's engines may pass the rendezvous port: it is not in that pod
+])
+def test_valid_ports_stay_in_range_and_distinct_in_every_pod_and_the_service(rollout, runtime, port, last):
+    """What validation (api.RLJobSpec) guarantees and the API server requires: every declared port is in
+    1..65535 and none is declared twice in one pod or in the Service."""
+    spec = parsed(placement="disaggregated", roles={"rollout": {"replicas": 2, **rollout}},
+                  runtime={**runtime, "logging": {"port": port}})
+    for pod in build_pods(REF, spec, restart=0):
+        ports = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]]
+        assert all(1 <= p <= 65535 for p in ports) and len(set(ports)) == len(ports), (pod["metadata"]["name"], ports)
+    rollout_pod = build_pod(REF, spec, "rollout", 1, 0, "h")
+    engine_ports = [p["containerPort"] for p in rollout_pod["spec"]["containers"][0]["ports"]]
+    assert engine_ports == list(range(port, last + 1))
+    service_ports = [p["port"] for p in build_service(REF, spec)["spec"]["ports"]]
+    assert len(set(service_ports)) == len(service_ports)
+
+
 def test_pod_level_options():
     spec = parsed(image="reg/img:1", imagePullPolicy="Always", imagePullSecrets=["regcred"],
                   serviceAccountName="rl", placement="disaggregated",

@@ -554,6 +554,9 @@ def test_ttl_after_finished(ttl, at, deleted, requeue):
         (dict(runtime={"training": {"globalBatchSize": 48, "miniBatchSize": 32}}),
          "spec.runtime.training.miniBatchSize: must divide globalBatchSize (48), got 32"),
         (dict(roles={"trainer": {"gpu": 8}}), "spec.roles.trainer.gpu: unknown field"),
+        # Caught here rather than as a pod the API server rejects (port 65536) at reconcile time.
+        (dict(placement="disaggregated", roles={"rollout": {"gpus": 8}}, runtime={"logging": {"port": 65529}}),
+         "spec.runtime.logging.port: must leave room for the rollout pods' engine ports"),
         # The name becomes pod hostnames, the Service's name and label values.
         (dict(name="grpo-qwen2-5-7b-instruct-gsm8k-lr1e-6-run3"), "metadata.name: must be a DNS-1035 label of at "
          "most 40 characters"),
