@@ -32,6 +32,7 @@ from kuberl_runtime.engines import (
     use_fast_train,
 )
 from kuberl_runtime.engines.fast_model import linear_logprobs_entropy
+from kuberl_runtime.engines.fast_train import pack_sorted
 from kuberl_runtime.errors import ConfigError
 from kuberl_runtime.models import Critic
 from kuberl_runtime.recipes import Job
@@ -322,3 +323,37 @@ def test_rollout_pods_honour_the_engine_choice(tmp_path, engine, kind):
 
     built, vocab = build_engine(config(tmp_path, rollout=engine), CPU)
     assert isinstance(built, kind) and not built.shares_module and vocab > 0
+
+
+def _padded(groups, lengths):
+    return [len(g) * max(lengths[i] for i in g) for g in groups]
+
+
+def test_packing_evens_out_micro_batches_of_equal_sequences():
+    lengths = [384] * 512
+    groups = pack_sorted(lengths, budget=456 * 384)  # 456 fit: greedy would cut 456 + 56
+    assert [len(g) for g in groups] == [256, 256]
+    assert sorted(i for g in groups for i in g) == list(range(512))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_packing_keeps_every_sequence_once_within_the_budget_and_no_more_passes_than_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 200, (1,), generator=g))
+    lengths = torch.randint(1, 300, (n,), generator=g).tolist()
+    budget = int(torch.randint(300, 5000, (1,), generator=g))
+    groups = pack_sorted(lengths, budget)
+    assert sorted(i for grp in groups for i in grp) == list(range(n))
+    assert all(p <= budget for p in _padded(groups, lengths))
+    # as many micro-batches as filling each to the budget in length order would make
+    greedy, cur = 0, []
+    for i in sorted(range(n), key=lambda i: lengths[i]):
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            greedy, cur = greedy + 1, []
+        cur.append(i)
+    assert len(groups) == greedy + 1
+
+
+def test_packing_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
+    groups = pack_sorted([10, 10, 500], budget=100)
+    assert groups == [[0, 1], [2]]

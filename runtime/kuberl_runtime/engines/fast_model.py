@@ -68,6 +68,17 @@ def layer_post(x, o, wo, bo, ln_w, eps, wg, wu, wd, act):
     return x + F.linear(act(F.linear(h, wg)) * F.linear(h, wu), wd)
 
 
+def _layer_pre_varying(*args):
+    """layer_pre for callers whose shapes vary (the train step): its own code object, so its
+    compiled graphs and recompile budget are separate from the rollout engine's static ones."""
+    return layer_pre(*args)
+
+
+def _layer_post_varying(*args):
+    """layer_post for callers whose shapes vary (see _layer_pre_varying)."""
+    return layer_post(*args)
+
+
 class FastModel:
     """A view of a transformers Qwen2ForCausalLM / LlamaForCausalLM: shapes plus functional layers.
 
@@ -90,7 +101,7 @@ class FastModel:
             return "the model is sharded (FSDP2 DTensors); the fast engines read whole weights"
         return None
 
-    def __init__(self, model: nn.Module, compile_layers: bool = False) -> None:
+    def __init__(self, model: nn.Module, compile_layers: bool = False, varying_shapes: bool = False) -> None:
         why = self.unsupported(model)
         if why:
             raise ValueError(why)
@@ -115,8 +126,16 @@ class FastModel:
         self.act = getattr(F, cfg.hidden_act) if cfg.hidden_act != "silu" else F.silu
         # compile_layers: inductor fuses the norms, RoPE, SiLU-gate and residuals of a layer; the
         # functions take weights as arguments, so all layers share one compiled graph per shape.
+        # The rollout engine's shapes are fixed per CUDA-graph bucket: static graphs. The train
+        # step's micro-batches change shape with the response lengths and the memory left, and a
+        # static graph per shape would recompile until torch's recompile limit and then run eagerly:
+        # there (varying_shapes) torch's automatic dynamic shapes compile the first shape static and,
+        # once a size changes, one graph with that size symbolic (two compiles, then none).
         self.pre, self.post = layer_pre, layer_post
-        if compile_layers:
+        if compile_layers and varying_shapes:
+            self.pre = torch.compile(_layer_pre_varying, dynamic=None)
+            self.post = torch.compile(_layer_post_varying, dynamic=None)
+        elif compile_layers:
             self.pre = torch.compile(layer_pre, dynamic=False)
             self.post = torch.compile(layer_post, dynamic=False)
 
@@ -278,11 +297,15 @@ _EAGER = {"fwd": _chunk_logprob, "bwd": _chunk_grad, "fwd_ent": _chunk_logprob_e
 
 
 def _kernel(device: torch.device, name: str):
-    """On CUDA the chunk math is compiled (one fused read of the logits instead of ~8 passes)."""
+    """On CUDA the chunk math is compiled (one fused read of the logits instead of ~8 passes).
+
+    Rows vary (the last chunk of a micro-batch is shorter, micro-batches differ), the vocabulary
+    does not: automatic dynamic shapes give one static graph, then one with the rows symbolic.
+    """
     if device.type != "cuda":
         return _EAGER[name]
     if name not in _compiled:
-        _compiled[name] = torch.compile(_EAGER[name], dynamic=False)
+        _compiled[name] = torch.compile(_EAGER[name], dynamic=None)
     return _compiled[name]
 
 

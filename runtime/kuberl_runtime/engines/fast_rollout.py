@@ -265,9 +265,12 @@ class FastRolloutEngine:
         st = self._state
         if st is not None and st.key == key and st.pointers == self.fm.parameter_pointers():
             return st
-        self._state = None  # free the old buffers and graphs before allocating new ones
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if st is not None:  # free the old buffers and graphs before allocating new ones
+            self._state = st = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        # After sleep() there is nothing of ours to free: emptying the cache here would only hand
+        # the train phase's cached blocks back to the driver for the cache below to re-allocate.
         s, dev, length = self.fm.shape, self.device, plen + n
         cache = lambda: torch.zeros(b, s.kv_heads, length, s.head_dim, dtype=self.fm.dtype, device=dev)  # noqa: E731
         lng = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)  # noqa: E731

@@ -12,9 +12,11 @@ of the loss (e.g. a token sum divided by the batch's token count), so the accumu
 the full batch's. The module's bf16 Parameters are updated in place from the float32 masters after
 the step: a rollout engine reading the same module sees the new weights with no copy.
 
-Packing: sequences are sorted by length and cut into micro-batches of at most `micro_batch_tokens`
-padded tokens, right-padded within a micro-batch (causal attention never lets a real token see the
-padding after it), so padding is only the length spread inside one micro-batch.
+Packing: sequences are sorted by length and cut into as few micro-batches of at most
+`micro_batch_tokens` padded tokens as fit, evened out (`pack_sorted`), right-padded within a
+micro-batch (causal attention never lets a real token see the padding after it), so padding is only
+the length spread inside one micro-batch. Shapes therefore vary from micro-batch to micro-batch;
+the compiled layer pieces use automatic dynamic shapes (fast_model.FastModel, `varying_shapes`).
 
 The float32 masters live in `master_module`, a module named exactly like the model
 ("model.layers.0.mlp.up_proj.weight", ...), so a checkpoint of it plus the optimizer holds the
@@ -82,7 +84,7 @@ class FastTrainStep:
         trainable: bool = True,
         compile_layers: bool = False,
     ) -> None:
-        self.model, self.fm = model, FastModel(model, compile_layers=compile_layers)
+        self.model, self.fm = model, FastModel(model, compile_layers=compile_layers, varying_shapes=True)
         # A value head turns this into a critic: outputs are values of the states before each
         # response token instead of the tokens' log-probs (the LM head is then unused). A
         # models.Critic carries its head as .value_head; a bare LM may be given one beside it.
@@ -145,14 +147,7 @@ class FastTrainStep:
         for r in responses:
             offsets.append(offsets[-1] + r.numel())
         budget, self._ckpt = self._plan(sum(lengths))
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-        groups, cur = [], []
-        for i in order:  # lengths ascend, so the last member sets the micro-batch's padded length
-            if cur and (len(cur) + 1) * lengths[i] > budget:
-                groups.append(cur)
-                cur = []
-            cur.append(i)
-        groups.append(cur)
+        groups = pack_sorted(lengths, budget)
         micro = []
         for g in groups:
             t = max(lengths[i] for i in g)
@@ -239,6 +234,33 @@ class FastTrainStep:
             loss_sum += loss.detach()
         norm = self.apply()
         return {"train/loss": float(loss_sum), "train/grad_norm": float(norm), "train/micro_batches": len(batch.micro)}
+
+
+def pack_sorted(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence indices sorted by length, cut into micro-batches of at most `budget` padded tokens
+    (count x longest member), as few as fit and then evened out: 512 equal sequences that fit 456
+    at a time become 256 + 256, not 456 + 56 (a small remainder is a poorly used GPU pass and one
+    more shape to compile). A sequence longer than the budget gets a micro-batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    greedy, cur = [], []
+    for i in order:  # lengths ascend, so the last member sets the micro-batch's padded length
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            greedy.append(cur)
+            cur = []
+        cur.append(i)
+    greedy.append(cur)
+    k, n = len(greedy), len(order)
+    if k == 1:
+        return greedy
+    # The same count of micro-batches with sizes differing by at most one, if each still fits.
+    even, start = [], 0
+    for j in range(k):
+        size = n // k + (1 if j < n % k else 0)
+        even.append(order[start : start + size])
+        start += size
+    if all(len(g) * lengths[g[-1]] <= budget for g in even):
+        return even
+    return greedy
 
 
 def master_module(named: list[tuple[str, torch.Tensor]]) -> nn.Module:

@@ -123,14 +123,18 @@ class FastTrainEngine:
 
         Returns the loss function's metrics averaged by token count, plus grad_norm and lr.
         """
-        weights = token_weights([r.numel() for r in responses], aggregation)
+        lengths = [r.numel() for r in responses]
+        weights = token_weights(lengths, aggregation)
         batch = self.step.collate(prompts, responses)
         self.model.train()
-        sums: dict[str, float] = {}
+        # No host read until the optimizer step: token counts come from the lengths, per-token
+        # inputs travel from pinned memory without a blocking copy, and the metrics add up on the
+        # device, so the host queues micro-batch after micro-batch while the GPU works.
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for mb in batch.micro:
             idx = mb.seqs
-            mask = pad_right([torch.ones(responses[i].numel(), dtype=torch.bool) for i in idx]).to(self.device)
+            mask = _to_device(pad_right([torch.ones(lengths[i], dtype=torch.bool) for i in idx]), self.device)
             out, ent = self.step.forward_micro(mb, entropy=entropy and not self._is_critic)
             micro = MicroBatch(
                 mask=mask,
@@ -144,14 +148,17 @@ class FastTrainEngine:
                 micro.logprobs = _unpack(mask, out)
             loss, metrics = loss_fn(micro)
             self.step.backward(loss)
-            k = int(mask.sum())
+            k = sum(lengths[i] for i in idx)
             tokens += k
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * k
-        grad_norm = float(self.step.apply())
+                value = torch.as_tensor(value).detach().to(self.device, torch.float32) * k
+                sums[name] = sums[name] + value if name in sums else value
+        grad_norm = self.step.apply()
         self.scheduler.step()
-        result = {name: s / max(tokens, 1) for name, s in sums.items()}
-        result["grad_norm"] = grad_norm
+        names = list(sums)
+        values = torch.stack([sums[n] for n in names] + [grad_norm.float().reshape(())]).tolist()  # one read
+        result = {name: v / max(tokens, 1) for name, v in zip(names, values[:-1], strict=True)}
+        result["grad_norm"] = values[-1]
         result["lr"] = self.scheduler.get_last_lr()[0]
         return result
 
@@ -179,4 +186,11 @@ def _unpack(mask: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def _pad_as(mask: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
     """Per-sequence (R_i,) tensors -> (B, T) float32 on mask's device."""
-    return pad_right([s.float() for s in seqs]).to(mask.device)
+    return _to_device(pad_right([s.float() for s in seqs]), mask.device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without blocking the host (pinned staging) when that is a GPU."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

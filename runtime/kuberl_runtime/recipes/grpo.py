@@ -84,7 +84,7 @@ def grpo(job: Job) -> None:
                 clip_low=algo.clip_ratio_low, clip_high=algo.clip_ratio_high,
                 dual_clip_c=algo.dual_clip, aggregation="token-sum",
             )  # fmt: skip
-            stats["policy_loss"] = loss.detach() / mb.weight[mb.mask].sum().clamp(min=1e-12)  # weighted mean
+            stats["policy_loss"] = loss.detach() / (mb.weight * mb.mask).sum().clamp(min=1e-12)  # weighted mean
             if "ref_logprobs" in mb.extras:
                 kl = kl_penalty(mb.logprobs, mb.extras["ref_logprobs"], algo.kl_type)  # (B, T)
                 loss = loss + algo.kl_coef * weighted_sum(kl, mb)

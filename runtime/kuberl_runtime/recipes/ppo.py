@@ -112,7 +112,7 @@ def ppo(job: Job, *, fold_value_pass: bool = True) -> None:
                 clip_low=algo.clip_ratio_low, clip_high=algo.clip_ratio_high,
                 dual_clip_c=algo.dual_clip, aggregation="token-sum",
             )  # fmt: skip
-            stats["policy_loss"] = loss.detach() / mb.weight[mb.mask].sum().clamp(min=1e-12)
+            stats["policy_loss"] = loss.detach() / (mb.weight * mb.mask).sum().clamp(min=1e-12)
             if "ref_logprobs" in mb.extras:
                 kl = kl_penalty(mb.logprobs, mb.extras["ref_logprobs"], algo.kl_type)
                 loss = loss + algo.kl_coef * weighted_sum(kl, mb)
@@ -172,7 +172,7 @@ def value_loss_fn(algo):
             per_token = 0.5 * torch.maximum(unclipped, (v_old + (v - v_old).clamp(-clip, clip) - ret) ** 2)
         _, stats = value_loss(v.detach(), v_old, ret, mb.mask, clip=clip)
         loss = weighted_sum(per_token, mb)
-        stats["value_loss"] = loss.detach() / mb.weight[mb.mask].sum().clamp(min=1e-12)
+        stats["value_loss"] = loss.detach() / (mb.weight * mb.mask).sum().clamp(min=1e-12)
         return loss, stats
 
     return loss_fn
@@ -199,7 +199,7 @@ def critic_step_with_gae(critic, prompts, responses, token_rewards, algo):
     clip a no-op, as it is in the first step after a separate pass. Only whitening the policy's
     advantages needs the whole batch, and the caller does it from the returned values.
     """
-    values = [torch.zeros(0) for _ in responses]
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, mask, values) per micro-batch
     gae, loss_with_targets = get_advantage("gae"), value_loss_fn(algo)
 
     def loss_fn(mb: MicroBatch):
@@ -208,13 +208,16 @@ def critic_step_with_gae(critic, prompts, responses, token_rewards, algo):
             token_rewards=mb.extras["token_rewards"], mask=mb.mask, values=v,
             group_size=1, gamma=algo.gamma, lam=algo.lam, normalize_std=False,
         )  # fmt: skip
-        # Micro-batches are the engine's (sorted by length): the "row" extra says whose values these are.
-        lengths = mb.mask.sum(-1).tolist()
-        for i, n, seq in zip(mb.extras["row"][:, 0].tolist(), lengths, v[mb.mask].cpu().split(lengths)):
-            if n:
-                values[int(i)] = seq
+        seen.append((mb.extras["row"][:, 0], mb.mask, v))  # read back after the step: no sync here
         return loss_with_targets(replace(mb, extras={**mb.extras, "old_values": v, "returns": returns}))
 
     rows = [torch.full((r.numel(),), float(i)) for i, r in enumerate(responses)]
     stats = critic.train_step(prompts, responses, {"token_rewards": token_rewards, "row": rows}, loss_fn)
+    # Micro-batches are the engine's (sorted by length): the "row" extra says whose values these are.
+    values = [torch.zeros(0) for _ in responses]
+    for row, mask, v in seen:
+        lengths = mask.sum(-1).tolist()
+        for i, n, seq in zip(row.tolist(), lengths, v[mask].cpu().split(lengths), strict=True):
+            if n:
+                values[int(i)] = seq
     return values, stats
