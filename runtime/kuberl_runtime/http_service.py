@@ -1,25 +1,37 @@
-"""The HTTP plumbing the runtime's small servers share: JSON handlers and a server in a daemon thread.
+"""The HTTP plumbing the runtime's small servers share: JSON handlers, a server in a daemon thread,
+and the clients' keep-alive POST.
 
     class _Handler(JSONHandler):
         def do_POST(self) -> None:
             self._answer(lambda body: {"echo": body})   # 200 with the result, or the error's status
 
     server = ThreadedServer(_Handler, port=0, name="echo-http").start()   # server.port: the bound port
+    status, doc = post_json(http.client.HTTPConnection("127.0.0.1", server.port), "/echo", {"a": 1})
     server.close()
 
 Used by the rollout pod (`rollout_server`), the reference/reward/critic pods (`role_servers`) and
 the progress endpoint (`progress`, which serves text too and so uses only ThreadedServer). Each
 server keeps its own routes; what an error becomes is `JSONHandler.error_reply`, which a server may
 extend (the role servers map ConfigError/DataError to 422).
+
+Every connection has a socket timeout (`timeout_s`, 60 s by default): a client that connects and
+sends nothing, or stops in the middle of a request, is disconnected instead of holding a handler
+thread forever (a body that stops arriving is answered 408 first). The same timeout closes
+keep-alive connections idle that long, so `post_json` reconnects when it finds its connection
+closed by the server.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import selectors
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Self
+
+CONNECTION_TIMEOUT_S = 60.0  # per socket read/write on the server: long enough for any client that is sending
 
 
 class RequestError(Exception):
@@ -43,8 +55,24 @@ class JSONHandler(BaseHTTPRequestHandler):
         return super().parse_request()
 
     def _read_body(self) -> bytes:
+        """The request's body: RequestError 400 for a bad Content-Length, 408 when the body does not
+        arrive within the connection's timeout. Either closes the connection after the reply: where
+        the next request would start is unknown."""
         self._body_unread = False
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        header = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(header)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length: must be an integer >= 0, not {header!r}")
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.REQUEST_TIMEOUT,
+                               f"the body ({length} bytes) did not arrive within {self.timeout:g} s") from None
 
     def _reply(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
         if getattr(self, "_body_unread", False):
@@ -52,12 +80,14 @@ class JSONHandler(BaseHTTPRequestHandler):
             # as the next request on this keep-alive connection.
             try:
                 self._read_body()
-            except ValueError:  # a Content-Length that is not a number: no telling where it ends
-                self.close_connection = True
+            except RequestError:  # it closes the connection: the reply stays the one asked for
+                pass
         data = json.dumps(doc).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -84,10 +114,15 @@ class JSONHandler(BaseHTTPRequestHandler):
 
 class ThreadedServer:
     """A ThreadingHTTPServer bound at construction (port 0: a free one, read `.port`), served from a
-    daemon thread after `start()`; `close()` stops it and frees the port."""
+    daemon thread after `start()`; `close()` stops it and frees the port. `timeout_s` bounds every
+    socket read and write of a connection (an idle keep-alive connection is closed after it)."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "0.0.0.0", port: int = 0,
-                 *, name: str = "http") -> None:
+                 *, name: str = "http", timeout_s: float = CONNECTION_TIMEOUT_S) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
+        # StreamRequestHandler.setup() applies `timeout` to the connection's socket.
+        handler = type(handler.__name__, (handler,), {"timeout": timeout_s})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         # A short poll interval: close() waits up to one interval for the serving loop to notice.
@@ -105,3 +140,39 @@ class ThreadedServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def post_json(conn: http.client.HTTPConnection, path: str, body: Any) -> tuple[int, Any]:
+    """POST `body` as JSON over a keep-alive connection: (status, the answer's JSON; {} when empty).
+
+    A server closes a connection left idle for its timeout. Such a connection is reopened before
+    use, and a request that finds it closed while being sent (the server's timeout fired just then)
+    is sent once more on a new connection: our servers close a connection without answering only
+    before they read a whole request, so the retry cannot run one twice. Other errors propagate
+    (OSError, http.client.HTTPException, json.JSONDecodeError).
+    """
+    data = json.dumps(body, default=str).encode()
+    if conn.sock is not None and _closed_by_peer(conn.sock):
+        conn.close()
+    reused = conn.sock is not None
+    try:
+        return _exchange(conn, path, data)
+    except (ConnectionResetError, BrokenPipeError):  # http.client.RemoteDisconnected is the first
+        if not reused:
+            raise
+        conn.close()
+        return _exchange(conn, path, data)
+
+
+def _exchange(conn: http.client.HTTPConnection, path: str, data: bytes) -> tuple[int, Any]:
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read() or b"{}")
+
+
+def _closed_by_peer(sock) -> bool:
+    """Whether an idle keep-alive socket is readable: the server closed it (nothing else is sent
+    unasked), so it cannot carry a request."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout=0))

@@ -19,7 +19,10 @@ records the critic's optimizer step count; loading restores that state there.
 A replica that stops answering, or never publishes its address within the rendezvous timeout,
 fails the trainer with PeerLost naming the role and replica (exit 75: the operator restarts the
 gang); a ConfigError/DataError the server raised (a reward function that raises, a missing critic
-state) comes back as the same error and exit code.
+state) comes back as the same error and exit code. The critic's requests that trainer rank 0 makes
+for all ranks (`train_step`, `state_dict`, `load_state_dict`) share their outcome: when the request
+fails, every trainer rank raises rank 0's error (same class, message and field) at once, instead
+of waiting in a collective for an answer that will not come.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,9 +40,11 @@ import torch.distributed as dist
 from .distributed import Groups
 from .engines.torch_train import ForwardOut
 from .errors import ConfigError, DataError, PeerLost, RuntimeFailure
+from .http_service import post_json
 from .role_servers import POLL_S, STOP_KEY, STOPPED_KEY, address_key, failed_key
 
 STOP_ACK_S = 30.0  # how long trainer rank 0 waits for the servers to read the stop
+T = TypeVar("T")
 
 
 class RoleClient:
@@ -68,25 +74,25 @@ class RoleClient:
         return cls([groups.store.get(k).decode() for k in keys], timeout_s=timeout_s, **kwargs)
 
     def post(self, i: int, route: str, body: dict) -> dict:
-        data = json.dumps(body, default=str).encode()
+        where = f"{self.role} server {self.addresses[i]}"
         try:
             conn = self._conns.get(i)
             if conn is None:
                 host, port = self.addresses[i].rsplit(":", 1)
                 conn = self._conns[i] = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
-            conn.request("POST", f"/{route}", body=data, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            doc = json.loads(resp.read() or b"{}")
+            status, doc = post_json(conn, f"/{route}", body)
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
-            self._conns.pop(i, None)
-            raise PeerLost(f"{self.role} server {self.addresses[i]} stopped answering: {e}", role=self.role, rank=i) from e
-        if resp.status == 200:
+            if (broken := self._conns.pop(i, None)) is not None:
+                broken.close()
+            raise PeerLost(f"{where} stopped answering POST /{route}: {e}", role=self.role, rank=i) from e
+        if status == 200:
             return doc
-        message = f"{self.role} server {self.addresses[i]} answered {resp.status}: {doc.get('error', doc)}"
-        if resp.status == 422:
-            error = DataError if doc.get("kind") == "DataError" else ConfigError
-            raise error(f"{self.role} server {self.addresses[i]}: {doc.get('error')}", field=doc.get("field"))
-        if resp.status in (502, 503, 504):
+        doc = doc if isinstance(doc, dict) else {"error": doc}
+        if status == 422:
+            cls = DataError if doc.get("kind") == "DataError" else ConfigError
+            raise cls(f"{where}: {doc.get('error')}", field=doc.get("field"))
+        message = f"{where} answered POST /{route} with {status}: {doc.get('error', doc)}"
+        if status in (502, 503, 504):
             raise PeerLost(message, role=self.role, rank=i)
         raise RuntimeFailure(message)
 
@@ -176,30 +182,64 @@ class RemoteCritic(RoleClient):
         if self.world > 1:
             parts = [None] * self.world if self.rank == 0 else None
             dist.gather_object(part, parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
-        answer = [None]
-        if self.rank == 0:
-            body = {k: [x for p in parts for x in p[k]] for k in part}
-            answer = [self.post(0, "train_step", body)]
-        if self.world > 1:
-            dist.broadcast_object_list(answer, src=dist.get_global_rank(self.group, 0), group=self.group)
-        self.optimizer_steps = answer[0]["optimizer_steps"]
-        return answer[0]["stats"]
+        answer = self.on_rank0(lambda: self.post(0, "train_step", {k: [x for p in parts for x in p[k]] for k in part}))
+        self.optimizer_steps = answer["optimizer_steps"]
+        return answer["stats"]
 
     # A stateful checkpoint entry (checkpoint.Checkpointer stores state_dict() in extra.pt).
     def state_dict(self) -> dict[str, int]:
-        """Save the critic's state on its pod; the trainer's checkpoint records which one."""
-        if self.rank == 0:
-            self.optimizer_steps = self.post(0, "save", {})["optimizer_steps"]
+        """Save the critic's state on its pod; the trainer's checkpoint records which one (collective)."""
+        self.optimizer_steps = self.on_rank0(lambda: self.post(0, "save", {})["optimizer_steps"])
         return {"optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the critic pod hold the state this checkpoint recorded (collective over the trainer ranks)."""
+        """Make the critic pod hold the state this checkpoint recorded (collective over the trainer ranks:
+        nobody asks for values before the state is there)."""
         steps = int(state.get("optimizer_steps", 0))
-        if self.rank == 0:
-            self.post(0, "load", {"optimizer_steps": steps})
-        if self.world > 1:
-            dist.barrier(group=self.group)  # nobody asks for values before the state is there
+        self.on_rank0(lambda: self.post(0, "load", {"optimizer_steps": steps}))
         self.optimizer_steps = steps
+
+    def on_rank0(self, call: Callable[[], T]) -> T:
+        """`call()` on trainer rank 0, its result broadcast to every trainer rank (collective).
+
+        A failure travels in the broadcast instead of the result: rank 0 raises its own exception,
+        the other ranks the same class with the same message and field, so every rank stops at once
+        with the cause (a lost critic: PeerLost, exit 75) rather than at the collective timeout.
+        """
+        if self.world == 1:
+            return call()
+        outcome: list[Any] = [None]
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                outcome = [("ok", call())]
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                failure, outcome = e, [("error", _failure_doc(e, self.role))]
+        dist.broadcast_object_list(outcome, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if failure is not None:
+            raise failure
+        kind, value = outcome[0]
+        if kind == "error":
+            raise _failure_from_doc(value)
+        return value
+
+
+def _failure_doc(e: Exception, role: str) -> dict[str, Any]:
+    """What the other trainer ranks need to raise the same failure as trainer rank 0."""
+    if not isinstance(e, RuntimeFailure):
+        return {"kind": "RuntimeFailure", "message": f"trainer rank 0's {role} request failed: {type(e).__name__}: {e}"}
+    kind = next(c for c in (PeerLost, ConfigError, DataError, RuntimeFailure) if isinstance(e, c)).__name__
+    return {"kind": kind, "message": e.message, "field": e.field,
+            "role": getattr(e, "role", None), "rank": getattr(e, "rank", None)}
+
+
+def _failure_from_doc(doc: dict[str, Any]) -> RuntimeFailure:
+    if doc["kind"] == "PeerLost":
+        error = PeerLost(doc["message"])  # the message already names the peer
+        error.role, error.rank = doc["role"], doc["rank"]
+        return error
+    cls = {"ConfigError": ConfigError, "DataError": DataError}.get(doc["kind"], RuntimeFailure)
+    return cls(doc["message"], field=doc.get("field"))
 
 
 CLIENTS = {"critic": RemoteCritic, "reference": RemoteReference, "reward": RemoteReward}

@@ -26,6 +26,7 @@ import torch
 from .distributed import Groups
 from .engines.base import Generation, SamplingParams
 from .errors import PeerLost, RuntimeFailure
+from .http_service import post_json
 from .rollout_server import ADDRESS_KEY
 from .sync import DEFAULT_BUCKET_BYTES, WeightSender, WeightsVersionError
 from .sync.digest import digest_dir, tee_digests, write_digest
@@ -93,25 +94,22 @@ class RemoteRolloutEngine:
         )  # fmt: skip
 
     def _post(self, i: int, body: dict) -> dict:
-        data = json.dumps(body).encode()
         try:
             conn = self._conns.get(i)
             if conn is None:
                 host, port = self.addresses[i].rsplit(":", 1)
                 conn = self._conns[i] = http.client.HTTPConnection(host, int(port), timeout=self.timeout_s)
-            conn.request("POST", "/generate", body=data, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            doc = json.loads(resp.read() or b"{}")
+            status, doc = post_json(conn, "/generate", body)  # reopens a connection the server closed while idle
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
             if (broken := self._conns.pop(i, None)) is not None:
                 broken.close()
             raise PeerLost(f"rollout server {self.addresses[i]} stopped answering: {e}", role="rollout", rank=i) from e
-        if resp.status == 200:
+        if status == 200:
             return doc
-        message = f"rollout server {self.addresses[i]} answered {resp.status}: {doc.get('error', doc)}"
-        if resp.status == 409:
+        message = f"rollout server {self.addresses[i]} answered {status}: {doc.get('error', doc)}"
+        if status == 409:
             raise WeightsVersionError(message, role="rollout", rank=i)
-        if resp.status in (502, 503, 504):
+        if status in (502, 503, 504):
             raise PeerLost(message, role="rollout", rank=i)
         raise RuntimeFailure(message)
 

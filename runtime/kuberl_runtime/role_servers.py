@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, DataError, PeerLost
-from .http_service import JSONHandler, RequestError, ThreadedServer
+from .http_service import CONNECTION_TIMEOUT_S, JSONHandler, RequestError, ThreadedServer
 
 ENV_HTTP_PORT = "KUBERL_HTTP_PORT"
 STOP_KEY = "kuberl/roles/stop"  # set by trainer rank 0 when the run is over
@@ -92,7 +92,13 @@ def parse_floats(body: dict, name: str, like: list[torch.Tensor]) -> list[torch.
     for i, (seq, ref) in enumerate(zip(raw, like)):
         if not isinstance(seq, list) or len(seq) != ref.numel():
             raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}[{i}]: must hold {ref.numel()} numbers (the response's length)")
-        out.append(torch.tensor(seq, dtype=torch.float32))
+        for j, x in enumerate(seq):
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}[{i}][{j}]: must be a number, not {type(x).__name__}")
+        try:
+            out.append(torch.tensor(seq, dtype=torch.float32))
+        except OverflowError:  # an integer with hundreds of digits: no float holds it
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}[{i}]: holds an integer too large for a float") from None
     return out
 
 
@@ -217,7 +223,10 @@ class RewardService(RoleService):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"completions: must be {len(prompts)} strings, one per prompt")
         if not isinstance(rows, list) or len(rows) != len(prompts) or not all(isinstance(r, dict) for r in rows):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"rows: must be {len(prompts)} objects, one per prompt")
-        fn = self._fn(str(body.get("answer_key") or "answer"))
+        answer_key = "answer" if body.get("answer_key") is None else body["answer_key"]
+        if not isinstance(answer_key, str) or not answer_key:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "answer_key: must be a non-empty string (the data rows' answer column)")
+        fn = self._fn(answer_key)
         return {"scores": [float(fn(p, c, r)) for p, c, r in zip(prompts, completions, rows)]}
 
 
@@ -266,8 +275,10 @@ class _Handler(JSONHandler):
 class RoleServer(ThreadedServer):
     """The HTTP server around a RoleService, served from a daemon thread."""
 
-    def __init__(self, service: RoleService, host: str = "0.0.0.0", port: int = 0) -> None:
-        super().__init__(type("Handler", (_Handler,), {"service": service}), host, port, name=f"{service.role}-http")
+    def __init__(self, service: RoleService, host: str = "0.0.0.0", port: int = 0, *,
+                 timeout_s: float = CONNECTION_TIMEOUT_S) -> None:
+        super().__init__(type("Handler", (_Handler,), {"service": service}), host, port, name=f"{service.role}-http",
+                         timeout_s=timeout_s)
         self.service = service
 
 

@@ -111,6 +111,47 @@ def test_bad_requests_name_the_field(tmp_path, serve):
     assert request(address, "GET", "/logprobs")[0] == 405
 
 
+def test_malformed_critic_and_reward_fields_are_400_naming_the_field(tmp_path, serve):
+    critic = CriticService(make_cfg(tmp_path), CPU)
+    reward = RewardService(make_cfg(tmp_path, reward={"rule": "numeric"}), CPU)
+    critic_at, reward_at = serve(critic), serve(reward)
+    critic.start()
+    reward.start()
+    step = {"prompts": [[3, 4]], "responses": [[5, 6]], "old_values": [[0.1, 0.2]], "returns": [[1.0, 1.0]]}
+    score = {"prompts": ["1+2="], "completions": ["3"], "rows": [{"answer": 3}]}
+    cases = [
+        (critic_at, "/train_step", {**step, "old_values": [[0.1, "0.2"]]}, "old_values[0][1]: must be a number, not str"),
+        (critic_at, "/train_step", {**step, "returns": [[None, 1.0]]}, "returns[0][0]: must be a number, not NoneType"),
+        (critic_at, "/train_step", {**step, "returns": [[1.0, [1.0]]]}, "returns[0][1]: must be a number, not list"),
+        (critic_at, "/train_step", {**step, "returns": [[1.0, {"v": 1}]]}, "returns[0][1]: must be a number, not dict"),
+        (critic_at, "/train_step", {**step, "old_values": [[0.1, True]]}, "old_values[0][1]: must be a number, not bool"),
+        (critic_at, "/train_step", {**step, "returns": [[1.0, 10**400]]}, "returns[0]: holds an integer too large for a float"),
+        (critic_at, "/train_step", {**step, "returns": [1.0, 1.0]}, "returns: must be 1 lists of numbers"),
+        (critic_at, "/train_step", {**step, "responses": [[5, "6"]]}, "responses[0]: must be a list of integers"),
+        (critic_at, "/values", {"prompts": [[3, 4.0]], "responses": [[5]]}, "prompts[0]: must be a list of integers"),
+        (critic_at, "/values", {"prompts": [[3, [4]]], "responses": [[5]]}, "prompts[0]: must be a list of integers"),
+        (critic_at, "/values", {"prompts": [3, 4], "responses": [[5]]}, "prompts[0]: must be a list of integers"),
+        (critic_at, "/load", {"optimizer_steps": "2"}, "optimizer_steps: must be an integer >= 0"),
+        (reward_at, "/score", {**score, "answer_key": ["answer"]}, "answer_key: must be a non-empty string"),
+        (reward_at, "/score", {**score, "answer_key": 5}, "answer_key: must be a non-empty string"),
+    ]
+    for address, path, body, message in cases:
+        status, doc = request(address, "POST", path, body)
+        assert status == 400 and message in doc["error"], (path, body, status, doc)
+    assert critic.optimizer_steps == 0  # nothing malformed reached the optimizer
+    assert request(critic_at, "POST", "/train_step", step)[1]["optimizer_steps"] == 1
+    assert request(reward_at, "POST", "/score", {**score, "answer_key": None}) == (200, {"scores": [1.0]})
+
+    host, port = critic_at.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/values")
+    conn.putheader("Content-Length", "ten")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and "Content-Length: must be an integer >= 0" in json.loads(resp.read())["error"]
+    conn.close()
+
+
 def test_reward_server_scores_like_the_configured_rule_and_reports_a_raising_function(tmp_path, serve):
     service = RewardService(make_cfg(tmp_path, reward={"rule": "numeric"}), CPU)
     address = serve(service)
@@ -203,6 +244,65 @@ def test_a_vanished_server_is_named(tmp_path, serve):
     with pytest.raises(PeerLost) as e:
         client.forward(*sequences(4))
     assert (e.value.role, e.value.rank) == ("reference", 0) and "stopped answering" in e.value.message
+
+
+def _critic_requests_from_two_ranks(env):
+    """Trainer ranks of a real gloo group use RemoteCritic against the servers the test names in env:
+    each attempt's outcome, (error class, message, exit code, field) or ("ok", result)."""
+    from kuberl_runtime.contract import Topology
+    from kuberl_runtime.distributed import rendezvous
+    from kuberl_runtime.errors import exit_code_for
+
+    groups = rendezvous(Topology.from_env(), backend="gloo")
+    # The trainer group with a short collective timeout (new_group's default is 30 min): without the
+    # shared outcome, rank 1 would wait out a broadcast and fail with gloo's timeout, not rank 0's error.
+    trainer = dist.new_group([0, 1], timeout=timedelta(seconds=15))
+    try:
+        prompts, responses = sequences(3, seed=groups.trainer_rank)  # each rank its own part
+        extras = {"old_values": [torch.zeros(r.numel()) for r in responses],
+                  "returns": [torch.ones(r.numel()) for r in responses]}
+
+        def attempt(address, call):
+            critic = RemoteCritic([address], timeout_s=30, group=trainer)
+            try:
+                return "ok", call(critic), critic.optimizer_steps
+            except Exception as e:  # noqa: BLE001 - the outcome is what the test compares
+                return type(e).__name__, str(e), exit_code_for(e), getattr(e, "field", None)
+            finally:
+                critic.close()
+
+        return [
+            attempt(env["TEST_CRITIC_GONE"], lambda c: c.train_step(prompts, responses, extras)),
+            attempt(env["TEST_CRITIC_LOADING"], lambda c: c.state_dict()),
+            attempt(env["TEST_CRITIC_READY"], lambda c: c.load_state_dict({"optimizer_steps": 7})),
+            attempt(env["TEST_CRITIC_READY"], lambda c: c.train_step(prompts, responses, extras)),
+        ]
+    finally:
+        groups.close()
+
+
+def test_a_critic_request_that_fails_on_trainer_rank_0_fails_every_trainer_rank(tmp_path, serve):
+    from procs import free_port, job_env, run_ranks, values
+
+    ready = CriticService(make_cfg(tmp_path), CPU)
+    addresses = {"TEST_CRITIC_GONE": f"127.0.0.1:{free_port()}",  # nobody listens there
+                 "TEST_CRITIC_LOADING": serve(CriticService(make_cfg(tmp_path), CPU)),  # 503 until started
+                 "TEST_CRITIC_READY": serve(ready)}
+    ready.start()
+    envs = [{**env, **addresses} for env in job_env(trainers=2, rollouts=0)]
+    rank0, rank1 = values(run_ranks(_critic_requests_from_two_ranks, envs, timeout=120))
+
+    gone, loading, missing, ok = rank0
+    assert rank1[:3] == rank0[:3]  # every rank raises rank 0's error: class, message, exit code, field
+    assert gone[0] == "PeerLost" and gone[2] == 75 and (
+        f"critic server {addresses['TEST_CRITIC_GONE']} stopped answering POST /train_step: " in gone[1]
+        and "Connection refused" in gone[1] and gone[1].endswith("(peer: critic rank 0)")), gone
+    assert loading[:3] == ("PeerLost", f"critic server {addresses['TEST_CRITIC_LOADING']} answered POST /save "
+                           "with 503: model loading (peer: critic rank 0)", 75), loading
+    assert missing[0] == "ConfigError" and missing[2] == 78 and missing[3] == "runtime.checkpoint.dir", missing
+    assert "optimizer-step-00000007.pt is missing" in missing[1]
+    # The group is still in step after those failures: one step over both ranks' parts, shared.
+    assert ok[0] == "ok" and ok == rank1[3] and ok[2] == 1 and ready.optimizer_steps == 1
 
 
 def tiny_reward_model(path) -> str:
