@@ -3,8 +3,9 @@
 Order matters: status first, with optimistic concurrency (the job's resourceVersion), so two
 racing passes cannot both act on the same stale status; a 409 raises kopf.TemporaryError and the
 pass is retried from fresh reads. Then the Events (the status just written is what says they were
-posted), then pod deletions, then children (created when absent, kept current where they may
-change), then the children of earlier gang attempts (deleted), then pod creations. Every call goes
+posted), then the adoption of orphaned pods, pod deletions, children (created when absent, adopted
+when orphaned, kept current where they may change), the children of earlier gang attempts
+(deleted), then pod creations. Every call goes
 through `call`, which makes creates and deletes idempotent: 409 on create and 404 on delete mean
 "already done", so an operator killed half-way and restarted converges without duplicates.
 """
@@ -24,10 +25,11 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kuberl_operator import ownership
 from kuberl_operator.api import GROUP, KIND, PLURAL, VERSION
 from kuberl_operator.labels import JOB as JOB_LABEL
 from kuberl_operator.planner import Event, Plan, recovered_status, rejected_status
-from kuberl_operator.status import FAILED_CREATE
+from kuberl_operator.status import CHILD_CONFLICT, FAILED_CREATE
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -36,6 +38,7 @@ COMPONENT = "kuberl-operator"
 CONFLICT_RETRY_S = 0.5
 DELETED = "deleted"  # Kube.ensured's mark for a child this process has deleted
 REPLACE_RETRY_S = 1.0
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass
@@ -119,11 +122,39 @@ def create_object(kube: Kube, obj: Obj) -> bool:
 
 def read_object(kube: Kube, obj: Obj) -> Obj | None:
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-    if obj["kind"] == "ConfigMap":
-        resp = call(kube.core.read_namespaced_config_map, name, ns, ok=(404,), _preload_content=False)
+    if obj["kind"] in ("ConfigMap", "Service"):
+        read = kube.core.read_namespaced_config_map if obj["kind"] == "ConfigMap" else kube.core.read_namespaced_service
+        resp = call(read, name, ns, ok=(404,), _preload_content=False)
         return json.loads(resp.data) if resp is not None else None
     group, version = _group_version(obj)
     return call(kube.custom.get_namespaced_custom_object, group, version, ns, _plural(obj), name, ok=(404,))
+
+
+def patch_object(kube: Kube, kind: str, obj: Obj, body: Obj) -> Obj | None:
+    """JSON-merge-patch the object of `kind` that `obj` names; the object as patched, None when it is
+    gone. A patch whose uid/resourceVersion no longer match (409) re-plans the pass from fresh reads."""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    core = {"Pod": kube.core.patch_namespaced_pod, "ConfigMap": kube.core.patch_namespaced_config_map,
+            "Service": kube.core.patch_namespaced_service}
+    try:
+        if kind in core:
+            resp = call(core[kind], name, ns, body, ok=(404,), _content_type=MERGE_PATCH, _preload_content=False)
+        else:
+            group, version = _group_version(obj)
+            resp = call(kube.custom.patch_namespaced_custom_object, group, version, ns, kind.lower() + "s", name,
+                        body, ok=(404,), _content_type=MERGE_PATCH, _preload_content=False)
+    except ApiException as e:
+        if e.status == 409:
+            raise kopf.TemporaryError(f"{kind} {name} changed while being patched; re-planning",
+                                      delay=CONFLICT_RETRY_S) from None
+        raise
+    return json.loads(resp.data) if resp is not None else None
+
+
+def adopt_pod(kube: Kube, namespace: str, name: str, patch: Obj) -> None:
+    """Make the job the controller of an orphaned pod it keeps (the planner's adoption patch)."""
+    if patch_object(kube, "Pod", {"metadata": {"namespace": namespace, "name": name}}, patch) is not None:
+        log.info("%s: adopted orphaned pod %s", namespace, name)
 
 
 def delete_object(kube: Kube, obj: Obj) -> None:
@@ -174,9 +205,13 @@ def _ensure_child(kube: Kube, obj: Obj) -> None:
     if create_object(kube, obj):
         return
     kind = obj["kind"]
+    have = read_object(kube, obj)
+    if have is None:  # deleted since the create said it exists
+        create_object(kube, obj)
+        return
+    have = claim_child(kube, obj, have)
     if kind == "ConfigMap":
-        have = read_object(kube, obj)
-        if have is not None and have.get("data") != obj["data"]:
+        if have.get("data") != obj["data"]:
             kube.core.patch_namespaced_config_map(obj["metadata"]["name"], obj["metadata"]["namespace"],
                                                   {"data": obj["data"]})
     elif kind in ("Workload", "PodGroup"):
@@ -184,17 +219,6 @@ def _ensure_child(kube: Kube, obj: Obj) -> None:
         # A PodGroup's deletion waits (podgroup-protection finalizer) until no pod uses it, and
         # pods must not join the old one meanwhile: the pass is retried, creating no pod, until the
         # new one exists. The same for one deleted by hand.
-        have = read_object(kube, obj)
-        if have is None:
-            create_object(kube, obj)
-            return
-        if not _owned_by_same_job(have, obj):
-            # An earlier job of this name (deleted and re-applied before the garbage collector got
-            # here), or someone else's: not the job's, and nothing watches these kinds, so taking it
-            # would leave the pods pointing at a group that then goes. Neither used nor deleted:
-            # the pass is retried with backoff, creating no pod, until it is gone.
-            raise kopf.TemporaryError(f"{kind} {obj['metadata']['name']} exists but belongs to another object; "
-                                      "waiting for it to go", delay=None)
         deleting = bool(have["metadata"].get("deletionTimestamp"))
         if not deleting and _is_subset(obj["spec"], have.get("spec")):
             return
@@ -205,10 +229,32 @@ def _ensure_child(kube: Kube, obj: Obj) -> None:
                                       "one to go", delay=REPLACE_RETRY_S)
 
 
-def _owned_by_same_job(have: Obj, obj: Obj) -> bool:
-    """Whether the existing object `have` is owned by the RLJob (uid) that `obj`'s metadata names."""
-    owner = obj["metadata"]["ownerReferences"][0]["uid"]
-    return owner in {r.get("uid") for r in (have.get("metadata") or {}).get("ownerReferences") or []}
+def claim_child(kube: Kube, obj: Obj, have: Obj) -> Obj:
+    """`have`, the existing object named like the child `obj`, once it is the job's (see ownership):
+    controlled by the job already; or an orphan with the job's label, adopted (its controller
+    reference patched in, so the garbage collector deletes it with the job). Anything else is never
+    taken, nor used: the pods would depend on an object that is not the job's.
+    - controlled by an earlier RLJob of this name, or being deleted: the garbage collector (or the
+      deletion) is about to remove it. The pass is retried with backoff, creating no pod, until it
+      is gone (a ConfigMap or Service going is a watch event and brings a pass at once);
+    - anything else (another controller, an unlabelled orphan) stays until someone acts: Rejected
+      with reason ChildConflict, which the job's ReplicaFailure condition and an Event say."""
+    meta = obj["metadata"]
+    owner, job = meta["ownerReferences"][0], meta["labels"][JOB_LABEL]
+    ctrl = ownership.controller_of(have)
+    if ctrl is not None and ctrl.get("uid") == owner["uid"]:
+        return have
+    what = f"{obj['kind']} {meta['name']}"
+    if have["metadata"].get("deletionTimestamp") or (ctrl is not None and ownership.is_earlier_job(ctrl, job, owner["uid"])):
+        raise kopf.TemporaryError(f"{what} belongs to an earlier RLJob of this name or is being deleted; "
+                                  "waiting for it to go", delay=None)
+    if not ownership.is_adoptable(have, job):
+        raise Rejected(ownership.conflict_message(obj["kind"], have, job), CHILD_CONFLICT)
+    adopted = patch_object(kube, obj["kind"], obj, ownership.adoption_patch(have, owner))
+    if adopted is None:
+        raise kopf.TemporaryError(f"{what} went while being adopted; re-planning", delay=CONFLICT_RETRY_S)
+    log.info("%s: adopted orphaned %s of RLJob %s", meta["namespace"], what, job)
+    return adopted
 
 
 def delete_owned_child(kube: Kube, obj: Obj) -> None:
@@ -286,8 +332,13 @@ def api_message(e: ApiException) -> str:
 
 
 class Rejected(Exception):
-    """The API server refused a create for good (403: a ResourceQuota, a PodSecurity level, RBAC; 422:
-    invalid). Retrying the same request cannot succeed until someone changes the cluster or the spec."""
+    """A create that cannot succeed until someone changes the cluster or the spec: the API server
+    refused it (403: a ResourceQuota, a PodSecurity level, RBAC; 422: invalid; reason FailedCreate),
+    or its name is held by an object of another controller (reason ChildConflict)."""
+
+    def __init__(self, message: str, reason: str = FAILED_CREATE):
+        super().__init__(message)
+        self.reason = reason
 
 
 def create_or_reject(kube: Kube, obj: Obj, create: Callable[[Kube, Obj], Any]) -> None:
@@ -300,22 +351,24 @@ def create_or_reject(kube: Kube, obj: Obj, create: Callable[[Kube, Obj], Any]) -
         raise Rejected(f"{obj['kind']} {obj['metadata']['name']} not created: {api_message(e)}") from None
 
 
-def report_rejection(kube: Kube, job: Obj, status: Obj, resource_version: str | None, why: str) -> None:
+def report_rejection(kube: Kube, job: Obj, status: Obj, resource_version: str | None, why: str,
+                     reason: str = FAILED_CREATE) -> None:
     """Say why the job waits where the user looks, as the ReplicaSet controller does: condition
-    ReplicaFailure (reason FailedCreate, the API server's message) and a `FailedCreate` Warning Event.
-    Only when the status does not say it already: a retry that fails the same way writes and posts
-    nothing, a different rejection is a new message and a new Event. Event after status, as in
-    apply_plan: the condition is the memory of what was posted."""
-    changed = rejected_status(status, why, datetime.now(timezone.utc), job["metadata"].get("generation"))
+    ReplicaFailure (reason FailedCreate with the API server's message, or ChildConflict) and a Warning
+    Event of that reason. Only when the status does not say it already: a retry that fails the same
+    way writes and posts nothing, a different rejection is a new message and a new Event. Event after
+    status, as in apply_plan: the condition is the memory of what was posted."""
+    changed = rejected_status(status, why, datetime.now(timezone.utc), job["metadata"].get("generation"), reason)
     if changed is not None and patch_status(kube, job, changed, resource_version) is not None:
-        create_event(kube, job, Event("Warning", FAILED_CREATE, why))
+        create_event(kube, job, Event("Warning", reason, why))
 
 
 # ------------------------------------------------------------------------------------ the plan
 def apply_plan(kube: Kube, job: Obj, plan: Plan) -> None:
-    """Apply one pass's decision: status, events, pod deletes, children, child deletes, pod creates,
-    then ReplicaFailure (set on a rejected create, which retries the pass with backoff; cleared once
-    every create of a pass went through), job deletion."""
+    """Apply one pass's decision: status, events, pod adoptions, pod deletes, children, child deletes,
+    pod creates, then ReplicaFailure (set on a rejected create or a name another controller holds,
+    which retries the pass with backoff; cleared once every create of a pass went through), job
+    deletion."""
     rv = job["metadata"].get("resourceVersion")
     if plan.status != (job.get("status") or {}):
         rv = patch_status(kube, job, plan.status)
@@ -326,6 +379,8 @@ def apply_plan(kube: Kube, job: Obj, plan: Plan) -> None:
     # an Event must not wait behind calls that can fail or be cut short by an operator restart.
     for event in plan.events:
         create_event(kube, job, event)
+    for name, patch in plan.adopt_pods.items():
+        adopt_pod(kube, ns, name, patch)
     for name in plan.delete_pods:
         delete_pod(kube, ns, name)
     try:
@@ -335,8 +390,10 @@ def apply_plan(kube: Kube, job: Obj, plan: Plan) -> None:
             delete_owned_child(kube, child)
         for pod in plan.create_pods:
             create_or_reject(kube, pod, create_object)
+        if plan.conflict:
+            raise Rejected(plan.conflict, CHILD_CONFLICT)
     except Rejected as e:
-        report_rejection(kube, job, plan.status, rv, str(e))
+        report_rejection(kube, job, plan.status, rv, str(e), e.reason)
         raise kopf.TemporaryError(str(e), delay=None) from None
     # A pass of a running job (it ensures the children) that created all it planned: nothing is refused.
     if plan.children and (cleared := recovered_status(plan.status)) is not None:

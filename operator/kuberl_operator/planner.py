@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kuberl_operator import labels, names
+from kuberl_operator import labels, messages, names, ownership
 from kuberl_operator import restart_policy as rp
 from kuberl_operator import run_policy
 from kuberl_operator import status as st
@@ -63,6 +63,8 @@ class Plan:
     delete_pods: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     delete_children: list[Obj] = field(default_factory=list)  # deleted where present and owned by the job
+    adopt_pods: dict[str, Obj] = field(default_factory=dict)  # pod name -> merge patch making the job its controller
+    conflict: str | None = None  # a pod name the job needs is held by another controller (ReplicaFailure/ChildConflict)
     delete_job: bool = False
     requeue_after: float | None = None  # seconds until time alone changes the decision
 
@@ -80,8 +82,8 @@ def _phase(pod: Obj) -> str:
 
 def is_foreign(pod: Obj, job_uid: str) -> bool:
     """Whether the pod's controller is another object than the job with `job_uid`."""
-    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
-    return bool(job_uid) and any(r.get("controller") and r.get("uid") != job_uid for r in refs)
+    ref = ownership.controller_of(pod)
+    return bool(job_uid) and ref is not None and ref.get("uid") != job_uid
 
 
 def _attempt(pod: Obj) -> int | None:
@@ -204,16 +206,24 @@ class _Pass:
         self.old = parse_status(job.get("status"))
         self.s = self.old.model_copy(deep=True)
         self.plan = Plan(status={})
-        # Pods of this job, not terminating. A pod with the job's label and name but another
-        # controller (the previous job of that name, deleted and re-applied before the garbage
-        # collector got to its pods) is not ours: never adopted, never deleted, its name is busy.
-        self.pods = [p for p in observed.pods if not (p.get("metadata") or {}).get("deletionTimestamp")
-                     and not is_foreign(p, self.ref.uid)]
+        # Pods of this job, not terminating: those it controls and orphans with its label (adopted,
+        # see ownership). A pod with the job's label and name but another controller (the previous
+        # job of that name, deleted and re-applied before the garbage collector got to its pods) is
+        # not ours: never adopted, never deleted, its name is busy.
+        live = [p for p in observed.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        self.pods = [p for p in live if not is_foreign(p, self.ref.uid)]
+        self.foreign = [p for p in live if is_foreign(p, self.ref.uid)]
         self.terminating = {p["metadata"]["name"] for p in observed.pods} - {p["metadata"]["name"] for p in self.pods}
         self.final: Progress | None = None  # trainer rank 0's final progress, once it has terminated
 
     # -- helpers ------------------------------------------------------------------------------
     def cond(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+        # A message that says what the written one says (an image pull that backs off again, see
+        # messages.py) keeps the written text: no status write for a change of wording.
+        before = st.get_condition(self.old, type_)
+        if before is not None and (before.status == "True") == value and before.reason == reason \
+                and before.observed_generation == self.generation and messages.same_meaning(before.message, message):
+            message = before.message
         st.set_condition(self.s, type_, value, reason, message, self.now, self.generation)
 
     def event(self, reason: str, message: str) -> None:
@@ -242,6 +252,12 @@ class _Pass:
             self.delete(run_policy.pods_to_clean(spec.run_policy, self.pods))
 
     def finish(self) -> Plan:
+        # Orphans with the job's label that the job keeps become its own (ControllerRef adoption),
+        # so the garbage collector deletes them with the job.
+        owner = self.ref.owner_reference()
+        self.plan.adopt_pods = {p["metadata"]["name"]: ownership.adoption_patch(p, owner) for p in self.pods
+                                if ownership.is_adoptable(p, self.ref.name)
+                                and p["metadata"]["name"] not in self.plan.delete_pods}
         self.s.phase = st.derive_phase(self.s)
         if self.s.phase in ("Failed", "Succeeded", "Suspended"):  # nothing is created any more
             st.remove_condition(self.s, st.REPLICA_FAILURE)
@@ -430,6 +446,13 @@ class _Pass:
                 self.event(st.CREATING, f"creating {len(missing)} pods (gang attempt {self.s.restarts})")
             if not st.get_condition(self.s, st.RUNNING):
                 self.cond(st.RUNNING, False, st.CREATING, f"creating {len(missing)} pods")
+        # A name held by another live controller does not free itself: say so (an earlier job of this
+        # name is different: the garbage collector is about to delete its pods).
+        held = sorted((p for p in self.foreign if p["metadata"]["name"] in {m["metadata"]["name"] for m in missing}
+                       and not ownership.is_earlier_job(ownership.controller_of(p), ref.name, ref.uid)),
+                      key=lambda p: p["metadata"]["name"])
+        if held:
+            self.plan.conflict = ownership.conflict_message("Pod", held[0], ref.name)
 
         self._pod_conditions(spec, current, desired_names)
         self._mirror_progress()
@@ -501,16 +524,20 @@ class _Pass:
         self.s.progress = new
 
 
-def rejected_status(status: Obj, message: str, now: datetime, generation: int | None) -> Obj | None:
-    """`status` saying the API server rejects a create (condition ReplicaFailure=True, reason
-    FailedCreate, its message), or None when it already says exactly that. The effects layer writes it
-    and posts the FailedCreate Event only then: the condition is the memory of what was posted, so a
-    pass retried against the same rejection (or a restarted operator) posts nothing."""
+def rejected_status(status: Obj, message: str, now: datetime, generation: int | None,
+                    reason: str = st.FAILED_CREATE) -> Obj | None:
+    """`status` saying a create cannot succeed (condition ReplicaFailure=True; reason FailedCreate: the
+    API server rejects it, ChildConflict: the name is another controller's), or None when it already
+    says that: the same reason and a message of the same meaning (a quota's `used:` amounts move
+    with every pod in the namespace, see messages.py). The effects layer writes it and posts the
+    Event only then: the condition is the memory of what was posted, so a pass retried against the
+    same rejection (or a restarted operator) posts nothing."""
     s = parse_status(status)
     before = st.get_condition(s, st.REPLICA_FAILURE)
-    if before is not None and before.status == "True" and before.message == message:
+    if before is not None and before.status == "True" and before.reason == reason \
+            and messages.same_meaning(before.message, message):
         return None
-    st.set_condition(s, st.REPLICA_FAILURE, True, st.FAILED_CREATE, message, run_policy.format_time(now), generation)
+    st.set_condition(s, st.REPLICA_FAILURE, True, reason, message, run_policy.format_time(now), generation)
     return s.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 

@@ -15,7 +15,7 @@ SUSPENDED = "Suspended"
 PODS_READY = "PodsReady"
 RUNNING = "Running"
 RESTARTING = "Restarting"
-REPLICA_FAILURE = "ReplicaFailure"  # True while the API server rejects a pod or child (as a ReplicaSet's)
+REPLICA_FAILURE = "ReplicaFailure"  # True while a pod or child cannot be created (as a ReplicaSet's)
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 ORDER = [VALID, ADMITTED, SUSPENDED, PODS_READY, RUNNING, RESTARTING, REPLICA_FAILURE, SUCCEEDED, FAILED]
@@ -31,6 +31,7 @@ CREATING = "CreatingPods"
 UNSCHEDULABLE = "Unschedulable"
 CONTAINER_WAITING = "ContainerWaiting"  # placed, but the kubelet cannot start a container (image, secret)
 FAILED_CREATE = "FailedCreate"  # ReplicaFailure's reason and an Event: the API server rejected a child
+CHILD_CONFLICT = "ChildConflict"  # ReplicaFailure's reason and an Event: a child's name is another controller's
 WAITING = "WaitingForPods"
 PODS_READY_REASON = "AllPodsReady"
 ALL_RUNNING = "AllPodsRunning"
@@ -44,7 +45,7 @@ NON_RETRYABLE = "NonRetryableFailure"
 DEADLINE = "DeadlineExceeded"
 CHECKPOINTS_NOT_PERSISTENT = "CheckpointsNotPersistent"  # an Event; the Valid condition's message says it too
 
-WARNING_REASONS = {INVALID_SPEC, UNSCHEDULABLE, CONTAINER_WAITING, FAILED_CREATE, GANG_RESTARTING, BACKOFF_LIMIT, NON_RETRYABLE, DEADLINE,
+WARNING_REASONS = {INVALID_SPEC, UNSCHEDULABLE, CONTAINER_WAITING, FAILED_CREATE, CHILD_CONFLICT, GANG_RESTARTING, BACKOFF_LIMIT, NON_RETRYABLE, DEADLINE,
                    CHECKPOINTS_NOT_PERSISTENT}
 
 

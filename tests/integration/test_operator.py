@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-from kubernetes import config
+from kubernetes import config, watch
 from kubernetes.client.exceptions import ApiException
 from operator_support import (FIELD_MANAGER, Cluster, ProgressServer, condition, documented_rbac_rules,
                               install_crd, rljob, service_account_kubeconfig, start_operator)
@@ -276,6 +276,73 @@ def test_status_is_written_only_when_it_changes_and_spec_never(kube, operator):
             assert entry.get("subresource") == "status", entry
 
 
+PULL_ERROR = ('failed to pull and unpack image "registry.example/kuberl:typo": failed to resolve reference '
+              '"registry.example/kuberl:typo": registry.example/kuberl:typo: not found')
+
+
+def test_an_image_pull_backing_off_writes_the_status_once_per_meaning(kube, operator):
+    # A node no kwok manages (no kwok.x-k8s.io/node annotation): the test plays its kubelet, which
+    # keeps a container between ErrImagePull and ImagePullBackOff with texts that differ each time.
+    node = build_gpu_node(GPUPool(count=1), 90 + sum(map(ord, kube.ns)) % 900)
+    del node["metadata"]["annotations"]["kwok.x-k8s.io/node"]
+    node["metadata"]["labels"]["kuberl.io/test-node"] = kube.ns
+    node_name = node["metadata"]["name"]
+    kube.core.create_node(node)
+    try:
+        kube.create(rljob("pull", trainer={"nodeSelector": {"kuberl.io/test-node": kube.ns}}))
+        pods = wait_for(lambda: (p := kube.pods("pull")) and len(p) == 2 and all(x.spec.node_name for x in p) and p,
+                        timeout=T, what="the gang placed on the unmanaged node")
+        assert {p.spec.node_name for p in pods} == {node_name}
+
+        def kubelet_says(reason: str, message: str) -> None:
+            kube.core.patch_namespaced_pod_status("pull-trainer-1", kube.ns, {"status": {"containerStatuses": [{
+                "name": "runtime", "image": "registry.example/kuberl:typo", "imageID": "", "ready": False,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}]}})
+
+        def pods_ready_message():
+            c = condition(kube.status("pull"), "PodsReady")
+            return c["message"] if c and c["reason"] == "ContainerWaiting" else None
+
+        said = "pod pull-trainer-1, container runtime: ErrImagePull: " + PULL_ERROR
+        kubelet_says("ErrImagePull", PULL_ERROR)
+        assert wait_for(pods_ready_message, timeout=T, what="PodsReady=False/ContainerWaiting") == said
+        rv = kube.job("pull")["metadata"]["resourceVersion"]
+
+        # Retries and back-offs: other texts, the same meaning. Each patch is a pod event, so a pass.
+        backoff = 'Back-off pulling image "registry.example/kuberl:typo"'
+        for reason, message in [("ImagePullBackOff", f"{backoff}: ErrImagePull: {PULL_ERROR}"),
+                                ("ErrImagePull", PULL_ERROR),
+                                ("ImagePullBackOff", backoff),  # an older kubelet's back-off: no cause
+                                ("ImagePullBackOff", f"{backoff}: ErrImagePull: {PULL_ERROR}")]:
+            before = operator.reconciles()
+            kubelet_says(reason, message)
+            wait_for(lambda: operator.reconciles() > before, timeout=T, what=f"a pass after {reason}")
+        # Then a new meaning: the registry refuses access now.
+        denied = 'failed to pull and unpack image "registry.example/kuberl:typo": pull access denied'
+        kubelet_says("ErrImagePull", denied)
+        wait_for(lambda: pods_ready_message() == f"pod pull-trainer-1, container runtime: ErrImagePull: {denied}",
+                 timeout=T, what="the new cause in PodsReady")
+
+        # Every write to the job since `rv`, in order (a watch from `rv` replays them): passes of one
+        # job run one after the other, so any write for the retries came before the last one.
+        w = watch.Watch()
+        written = []
+        for ev in w.stream(kube.custom.list_namespaced_custom_object, GROUP, VERSION, kube.ns, PLURAL,
+                           field_selector="metadata.name=pull", resource_version=rv, timeout_seconds=T):
+            written.append(condition(ev["object"].get("status") or {}, "PodsReady")["message"])
+            if denied in written[-1]:
+                w.stop()
+        assert written == [f"pod pull-trainer-1, container runtime: ErrImagePull: {denied}"]
+        events = [e for e in kube.events("pull") if e.reason == "ContainerWaiting"]
+        assert [e.message for e in events] == [said]  # one Event for the episode
+    finally:
+        try:
+            kube.core.delete_node(node_name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+
 # --------------------------------------------------------------------------- 3. gang restarts
 def test_oom_restarts_the_gang_and_records_the_failure(kube):
     # The phase is Restarting for the backoff: 5 s is a wide window for a 0.2 s poll on a loaded machine.
@@ -412,6 +479,12 @@ def test_a_pod_left_by_a_previous_job_of_the_same_name_is_not_adopted(kube):
     assert (status["status"], status["reason"]) == ("False", "WaitingForPods")
     assert kube.status("reuse")["phase"] == "Pending" and "CreatingPods" not in kube.event_reasons("reuse")
     assert [p.metadata.name for p in kube.pods("reuse")] == ["reuse-trainer-0"]  # only the leftover
+    # Its controller is a live object (here, not an earlier "reuse" the collector is about to reach):
+    # the job says what holds the name.
+    conflict = wait_for(lambda: condition(kube.status("reuse"), "ReplicaFailure"), timeout=T, what="ReplicaFailure")
+    assert (conflict["reason"], conflict["message"]) == ("ChildConflict", (
+        f"Pod reuse-trainer-0 exists and is controlled by RLJob other (uid {other['metadata']['uid']}), "
+        "not by this RLJob: the job waits until it is deleted"))
 
     # Its pod event names "other" as controller; the kuberl.io/job label brings "reuse" a pass too.
 
@@ -420,6 +493,7 @@ def test_a_pod_left_by_a_previous_job_of_the_same_name_is_not_adopted(kube):
     assert all(p.metadata.owner_references[0].uid == uid for p in pods)
     status = wait_for(kube.phase_is("reuse", "Running"), timeout=T, what="Running")
     assert status["restarts"] == 0 and "failure" not in status
+    wait_for(lambda: condition(kube.status("reuse"), "ReplicaFailure") is None, timeout=T, what="the conflict cleared")
 
 
 def test_a_podgroup_left_by_a_previous_job_of_the_same_name_is_not_taken_for_the_jobs(kube):
@@ -458,6 +532,95 @@ def test_a_podgroup_left_by_a_previous_job_of_the_same_name_is_not_taken_for_the
     group = kube.custom.get_namespaced_custom_object("scheduling.k8s.io", "v1alpha2", kube.ns, "podgroups",
                                                      group_name)
     assert group["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
+def job_children(kube, job: str) -> dict[tuple[str, str], dict]:
+    """Every child of `job` by (kind, name): its uid and ownerReferences, as plain dicts."""
+    sel = labels.job_selector(job)
+    out = {}
+    for kind, items in (("Pod", kube.core.list_namespaced_pod(kube.ns, label_selector=sel).items),
+                        ("ConfigMap", kube.core.list_namespaced_config_map(kube.ns, label_selector=sel).items),
+                        ("Service", kube.core.list_namespaced_service(kube.ns, label_selector=sel).items)):
+        for o in items:
+            refs = [{"kind": r.kind, "name": r.name, "uid": r.uid, "controller": r.controller}
+                    for r in o.metadata.owner_references or []]
+            out[(kind, o.metadata.name)] = {"uid": o.metadata.uid, "ownerReferences": refs}
+    for kind, plural in (("Workload", "workloads"), ("PodGroup", "podgroups")):
+        for o in kube.custom.list_namespaced_custom_object("scheduling.k8s.io", "v1alpha2", kube.ns, plural,
+                                                           label_selector=sel)["items"]:
+            refs = [{k: r.get(k) for k in ("kind", "name", "uid", "controller")}
+                    for r in o["metadata"].get("ownerReferences") or []]
+            out[(kind, o["metadata"]["name"])] = {"uid": o["metadata"]["uid"], "ownerReferences": refs}
+    return out
+
+
+def test_children_orphaned_by_a_deleted_job_are_adopted_by_the_next_job_of_that_name(kube):
+    # `kubectl delete rlj adopt --cascade=orphan` then a new `adopt`: Kubernetes' controllers adopt
+    # orphans their selector matches (ControllerRef); so does the job, and its deletion then takes them.
+    kube.create(rljob("adopt"))
+    wait_for(kube.all_running("adopt", 2), timeout=T, what="the first job's gang")
+    wait_for(kube.phase_is("adopt", "Running"), timeout=T, what="Running")
+    kinds = ["ConfigMap", "Pod", "Pod", "PodGroup", "Service", "Workload"]
+    wait_for(lambda: sorted(k for k, _ in job_children(kube, "adopt")) == kinds, timeout=T, what="every child")
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, kube.ns, PLURAL, "adopt",
+                                                body={"propagationPolicy": "Orphan"})
+    wait_for(lambda: not kube.exists("adopt"), timeout=T, what="the job gone, its children orphaned")
+    orphans = job_children(kube, "adopt")
+    assert sorted(k for k, _ in orphans) == kinds
+    assert all(c["ownerReferences"] == [] for c in orphans.values()), orphans
+
+    uid = kube.create(rljob("adopt"))["metadata"]["uid"]
+
+    def adopted():
+        children = job_children(kube, "adopt")
+        return children if all([(r["uid"], r["controller"]) for r in c["ownerReferences"]] == [(uid, True)]
+                               for c in children.values()) else None
+
+    children = wait_for(adopted, timeout=T, what="every orphan controlled by the new job")
+    # Adopted, not replaced: the same objects, the gang running on as attempt 0.
+    assert {k: c["uid"] for k, c in children.items()} == {k: c["uid"] for k, c in orphans.items()}
+    status = wait_for(kube.phase_is("adopt", "Running"), timeout=T, what="the new job Running")
+    assert status["restarts"] == 0 and condition(status, "ReplicaFailure") is None
+    new_events = [e.reason for e in kube.events("adopt") if e.involved_object.uid == uid]
+    assert "AllPodsRunning" in new_events and "CreatingPods" not in new_events
+
+    # The garbage collector now deletes them with the job.
+    kube.delete("adopt")
+    wait_for(lambda: job_children(kube, "adopt") == {}, timeout=T, what="every child garbage-collected")
+
+
+def test_a_gang_object_another_controller_holds_is_said_on_the_job(kube, operator):
+    # A Workload named like the job whose controller is something else (a ConfigMap here) never
+    # goes by itself: the job must say why it does not start, once, and start once it is gone.
+    holder = kube.core.create_namespaced_config_map(kube.ns, {"metadata": {"name": "holder"}})
+    workload = {"apiVersion": "scheduling.k8s.io/v1alpha2", "kind": "Workload",
+                "metadata": {"name": "held", "ownerReferences": [{
+                    "apiVersion": "v1", "kind": "ConfigMap", "name": "holder", "uid": holder.metadata.uid,
+                    "controller": True}]},
+                "spec": {"podGroupTemplates": [{"name": "gang", "schedulingPolicy": {"gang": {"minCount": 1}}}]}}
+    kube.custom.create_namespaced_custom_object("scheduling.k8s.io", "v1alpha2", kube.ns, "workloads", workload)
+    kube.create(rljob("held"))
+
+    def said():
+        c = condition(kube.status("held"), "ReplicaFailure")
+        return c if c and c["reason"] == "ChildConflict" else None
+
+    cond = wait_for(said, timeout=T, what="ReplicaFailure=True/ChildConflict")
+    assert cond["status"] == "True"
+    assert cond["message"] == (f"Workload held exists and is controlled by ConfigMap holder (uid {holder.metadata.uid}), "
+                               "not by this RLJob: the job waits until it is deleted")
+    assert kube.status("held")["phase"] == "Pending" and kube.pods("held") == []
+    failing_passes(kube, operator, "held", 2)  # retried, the same conflict: no new Event
+    events = [e for e in kube.events("held") if e.reason == "ChildConflict"]
+    assert [(e.type, e.message, e.count) for e in events] == [("Warning", cond["message"], 1)]
+    assert kube.pods("held") == []
+
+    kube.custom.delete_namespaced_custom_object("scheduling.k8s.io", "v1alpha2", kube.ns, "workloads", "held")
+    poke(kube, "held")
+    wait_for(kube.all_running("held", 2), timeout=T, what="the gang once the Workload is gone")
+    wait_for(lambda: condition(kube.status("held"), "ReplicaFailure") is None, timeout=T, what="the conflict cleared")
+    mine = kube.custom.get_namespaced_custom_object("scheduling.k8s.io", "v1alpha2", kube.ns, "workloads", "held")
+    assert mine["metadata"]["ownerReferences"][0]["uid"] == kube.job("held")["metadata"]["uid"]
 
 
 def test_deleting_the_job_cascades(kube):
@@ -573,9 +736,9 @@ def test_progress_endpoint_is_mirrored_into_status(kube):
 # ----------------------------------------------------------------------------- 8. metrics
 def test_the_documented_rbac_table_parses_into_the_rules_the_operator_runs_with():
     rules = {(r["apiGroups"][0], res): set(r["verbs"]) for r in documented_rbac_rules() for res in r["resources"]}
-    assert rules[("", "pods")] == {"list", "watch", "create", "delete"}
+    assert rules[("", "pods")] == {"list", "watch", "create", "delete", "patch"}
     assert rules[("kuberl.io", "rljobs/status")] == {"update"}
-    assert rules[("scheduling.k8s.io", "podgroups")] == {"get", "create", "delete"}
+    assert rules[("scheduling.k8s.io", "podgroups")] == {"get", "create", "delete", "patch"}
 
 
 def test_metrics_and_liveness(kube, operator):

@@ -253,11 +253,11 @@ def rules(role: dict) -> dict[tuple[str, str], set[str]]:
 NAMESPACED_RULES = {
     ("kuberl.io", "rljobs"): {"get", "list", "watch", "delete"},
     ("kuberl.io", "rljobs/status"): {"update"},
-    ("", "pods"): {"list", "watch", "create", "delete"},
+    ("", "pods"): {"list", "watch", "create", "delete", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-    ("", "services"): {"list", "watch", "create"},
+    ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create"},
-    **{(g, r): {"get", "create", "delete"}
+    **{(g, r): {"get", "create", "delete", "patch"}
        for g in ("scheduling.k8s.io", "scheduling.volcano.sh", "scheduling.x-k8s.io")
        for r in ("workloads", "podgroups")},
 }

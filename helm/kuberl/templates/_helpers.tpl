@@ -61,26 +61,29 @@ the operator with exactly these.
 - apiGroups: [kuberl.io]
   resources: [rljobs/status]
   verbs: [update]
-# One pod per role replica: watched by label, created, deleted on gang restarts.
+# One pod per role replica: watched by label, created, deleted on gang restarts, adopted (patch)
+# when orphaned by `kubectl delete rlj --cascade=orphan` and the job re-created.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, create, delete, patch]
 # The rendered runtime config: created, read, kept current; watched so a deleted one is recreated.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch]
-# The headless Service that gives the gang stable DNS names; watched so a deleted one is recreated.
+# The headless Service that gives the gang stable DNS names; watched so a deleted one is recreated;
+# read and adopted (patch) when it exists already.
 - apiGroups: [""]
   resources: [services]
-  verbs: [list, watch, create]
+  verbs: [get, list, watch, create, patch]
 # Warning/Normal Events on every transition.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Gang scheduling objects: Kubernetes Workload/PodGroup, Volcano and scheduler-plugins PodGroups.
+# Gang scheduling objects: Kubernetes Workload/PodGroup, Volcano and scheduler-plugins PodGroups
+# (patch: adopted when orphaned).
 - apiGroups: [scheduling.k8s.io, scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [workloads, podgroups]
-  verbs: [get, create, delete]
+  verbs: [get, create, delete, patch]
 {{- if and (include "kuberl.peering" .) .Values.watchNamespaces }}
 # kopf peering (replicas > 1, namespaced mode): keep-alives in each namespace's KopfPeering.
 - apiGroups: [kopf.dev]
