@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import selectors
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -146,28 +147,35 @@ def post_json(conn: http.client.HTTPConnection, path: str, body: Any) -> tuple[i
     """POST `body` as JSON over a keep-alive connection: (status, the answer's JSON; {} when empty).
 
     A server closes a connection left idle for its timeout. Such a connection is reopened before
-    use, and a request that finds it closed while being sent (the server's timeout fired just then)
-    is sent once more on a new connection: our servers close a connection without answering only
-    before they read a whole request, so the retry cannot run one twice. Other errors propagate
-    (OSError, http.client.HTTPException, json.JSONDecodeError).
+    use, and a request on a reused connection that closes before the first byte of an answer (the
+    server's timeout fired just as it was sent) is sent once more on a new connection: our servers
+    close a connection without answering only before they read a whole request, so the resend
+    cannot run one twice. Once the answer has begun the server has run the request: a connection
+    lost then is an error, never a resend (a second `train_step` would be a second optimizer step).
+    Errors propagate (OSError, http.client.HTTPException, json.JSONDecodeError).
     """
     data = json.dumps(body, default=str).encode()
     if conn.sock is not None and _closed_by_peer(conn.sock):
         conn.close()
     reused = conn.sock is not None
     try:
-        return _exchange(conn, path, data)
-    except (ConnectionResetError, BrokenPipeError):  # http.client.RemoteDisconnected is the first
+        _send(conn, path, data)
+    except (ConnectionResetError, BrokenPipeError):  # closed unanswered (http.client.RemoteDisconnected too)
         if not reused:
             raise
         conn.close()
-        return _exchange(conn, path, data)
-
-
-def _exchange(conn: http.client.HTTPConnection, path: str, data: bytes) -> tuple[int, Any]:
-    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        _send(conn, path, data)
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read() or b"{}")
+
+
+def _send(conn: http.client.HTTPConnection, path: str, data: bytes) -> None:
+    """Send the request and wait for the first byte of the answer (left unread for getresponse);
+    RemoteDisconnected or ConnectionResetError when the connection closes before it."""
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    if not conn.sock.recv(1, socket.MSG_PEEK):  # the socket's timeout applies, as to getresponse
+        conn.close()
+        raise http.client.RemoteDisconnected("Remote end closed connection without response")
 
 
 def _closed_by_peer(sock) -> bool:

@@ -6,6 +6,8 @@ import http.client
 import json
 import select
 import socket
+import struct
+import threading
 from http import HTTPStatus
 
 import pytest
@@ -104,17 +106,18 @@ def test_post_json_reopens_a_keep_alive_connection_the_server_closed(short_timeo
 
 
 class _DropsSecond(JSONHandler):
-    """Answers the first request of a connection; closes it unanswered at the second, as a server
-    whose idle timeout fires just as the request arrives does."""
+    """Answers the first request of a connection; closes it at the second without reading its body
+    or answering, as a server whose idle timeout fires just as the request arrives does."""
 
-    seen: list  # the bodies of every request it read
+    seen: list  # the bodies of the requests it read; "unread" for the one it dropped
 
     def do_POST(self) -> None:
-        body = self._read_json()
-        self.seen.append(body)
         if getattr(self, "_served", False):
+            self.seen.append("unread")
             self.close_connection = True
             return
+        body = self._read_json()
+        self.seen.append(body)
         self._served = True
         self._reply(HTTPStatus.OK, {"echo": body})
 
@@ -129,4 +132,48 @@ def test_post_json_resends_once_when_a_reused_connection_closes_unanswered():
     finally:
         conn.close()
         s.close()
-    assert handler.seen == [{"n": 1}, {"n": 2}, {"n": 2}]
+    assert handler.seen == [{"n": 1}, "unread", {"n": 2}]
+
+
+def _answers_then_resets(listener: socket.socket, seen: list) -> None:
+    """A server that reads each request whole; answers a connection's first, and at its second
+    starts the answer (status line, headers, part of the body) and then resets the connection, as
+    a server killed mid-answer or a proxy in between would."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except OSError:  # the test closed the listener
+            return
+        with sock, sock.makefile("rb") as f:
+            for n in range(2):
+                if not f.readline():
+                    break
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    length = int(value) if name.strip().lower() == b"content-length" else length
+                seen.append(json.loads(f.read(length)))
+                if n == 0:
+                    data = json.dumps({"echo": seen[-1]}).encode()
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+                else:
+                    sock.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"echo"')
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+
+
+def test_post_json_never_resends_a_request_the_server_began_to_answer():
+    # The server read the request and ran it (a critic train_step: an optimizer step); sending it
+    # again would run it twice. Before, a reset while reading the answer's body was resent.
+    seen: list = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_answers_then_resets, args=(listener, seen), daemon=True)
+    thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", listener.getsockname()[1], timeout=30)
+    try:
+        assert post_json(conn, "/x", {"n": 1}) == (200, {"echo": {"n": 1}})
+        with pytest.raises(ConnectionResetError):
+            post_json(conn, "/x", {"n": 2})
+    finally:
+        conn.close()
+        listener.close()
+    assert seen == [{"n": 1}, {"n": 2}]  # run once
