@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import math
 import os
 import threading
 import time
@@ -129,25 +130,55 @@ class RolloutService:
                     HTTPStatus.BAD_REQUEST, f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
                 )
             prompts.append(torch.tensor(p, dtype=torch.long))
-        sampling = body.get("sampling") or {}
-        if not isinstance(sampling, dict) or set(sampling) - SAMPLING_FIELDS:
-            extra = sorted(set(sampling) - SAMPLING_FIELDS) if isinstance(sampling, dict) else ["(not an object)"]
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST,
-                f"sampling: unknown fields {', '.join(extra)}; known: {', '.join(sorted(SAMPLING_FIELDS))}",
-            )
-        try:
-            params = SamplingParams(**sampling)
-        except TypeError as e:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: {e}") from None
-        if params.temperature < 0 or params.max_new_tokens < 1 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise RequestError(
-                HTTPStatus.BAD_REQUEST, "sampling: needs temperature >= 0, max_new_tokens >= 1, 0 < top_p <= 1, top_k >= 0"
-            )
+        params = parse_sampling(body.get("sampling"))
         expected = body.get("weights_version")
         if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
             raise RequestError(HTTPStatus.BAD_REQUEST, "weights_version: must be an integer")
         return prompts, params, expected
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a number
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)  # json.loads reads NaN and Infinity
+
+
+# field -> (is the value valid, what it must be); checked in this order, the first invalid field is named
+SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no top-k)"),
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (lambda v: v is None or (_is_int(v) and -(2**63) <= v < 2**63), "a 64-bit integer or null"),
+}
+
+
+def _shown(value: Any) -> str:
+    """A request's value as JSON, cut to 40 characters for the error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_sampling(raw: Any) -> SamplingParams:
+    """The request's "sampling" object as SamplingParams (absent fields keep their defaults); a
+    RequestError 400 naming the first unknown or invalid field and what it must be."""
+    if raw is None:
+        return SamplingParams()
+    if not isinstance(raw, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: must be an object, not {_shown(raw)}")
+    unknown = sorted(set(raw) - SAMPLING_FIELDS)
+    if unknown:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"sampling: unknown fields {', '.join(unknown)}; known: {', '.join(sorted(SAMPLING_FIELDS))}",
+        )
+    for name, (valid, what) in SAMPLING_RULES.items():
+        if name in raw and not valid(raw[name]):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling.{name}: must be {what}, not {_shown(raw[name])}")
+    return SamplingParams(**raw)
 
 
 def sibling_readiness(address: str | None, timeout_s: float = 2.0) -> tuple[bool, str]:

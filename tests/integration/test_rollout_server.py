@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 
@@ -13,7 +14,7 @@ from kuberl_runtime.engines import HFRolloutEngine, SamplingParams
 from kuberl_runtime.errors import PeerLost
 from kuberl_runtime.models import build_policy
 from kuberl_runtime.remote_rollout import RemoteRolloutEngine
-from kuberl_runtime.rollout_server import RolloutServer, RolloutService
+from kuberl_runtime.rollout_server import SAMPLING_RULES, RolloutServer, RolloutService
 from kuberl_runtime.sync import WeightsVersionError
 
 pytestmark = pytest.mark.integration
@@ -103,7 +104,8 @@ def test_generate_over_http_equals_the_engine_in_process(served):
         (json.dumps({"prompts": [[1, "a"]]}).encode(), 400, "prompts[0]: must be a non-empty list of integers"),
         (json.dumps({"prompts": [[1], [99]]}).encode(), 400, "prompts[1]: token id 99 outside the vocabulary [0, 32)"),
         (json.dumps({"prompts": [[1]], "sampling": {"temp": 1}}).encode(), 400, "sampling: unknown fields temp"),
-        (json.dumps({"prompts": [[1]], "sampling": {"top_p": 0}}).encode(), 400, "0 < top_p <= 1"),
+        (json.dumps({"prompts": [[1]], "sampling": {"top_p": 0}}).encode(), 400,
+         "sampling.top_p: must be a number in (0, 1], not 0"),
         (json.dumps({"prompts": [[1]], "extra": 1}).encode(), 400, "unknown fields: extra"),
         (json.dumps({"prompts": [[1]], "weights_version": 4}).encode(), 409, "holds weights version 0, the request expects 4"),
     ],
@@ -112,6 +114,53 @@ def test_bad_requests_get_a_4xx_with_a_json_message(served, body, status, words)
     server = served(make_engine())
     got, doc = call(server.port, "POST", "/generate", body)
     assert got == status and words in doc["error"], doc
+
+
+@pytest.mark.parametrize(
+    ("sampling", "error"),
+    [
+        ({"temperature": "hot"}, 'sampling.temperature: must be a number >= 0, not "hot"'),
+        ({"temperature": -0.5}, "sampling.temperature: must be a number >= 0, not -0.5"),
+        ({"temperature": True}, "sampling.temperature: must be a number >= 0, not true"),
+        ({"temperature": float("nan")}, "sampling.temperature: must be a number >= 0, not NaN"),  # json.loads reads NaN
+        ({"temperature": float("inf")}, "sampling.temperature: must be a number >= 0, not Infinity"),
+        ({"max_new_tokens": -3}, "sampling.max_new_tokens: must be an integer >= 1, not -3"),
+        ({"max_new_tokens": 0}, "sampling.max_new_tokens: must be an integer >= 1, not 0"),
+        ({"max_new_tokens": 4.5}, "sampling.max_new_tokens: must be an integer >= 1, not 4.5"),
+        ({"max_new_tokens": "8"}, 'sampling.max_new_tokens: must be an integer >= 1, not "8"'),
+        ({"top_p": 1.5}, "sampling.top_p: must be a number in (0, 1], not 1.5"),
+        ({"top_p": -0.1}, "sampling.top_p: must be a number in (0, 1], not -0.1"),
+        ({"top_p": None}, "sampling.top_p: must be a number in (0, 1], not null"),
+        ({"top_k": 2.5}, "sampling.top_k: must be an integer >= 0 (0: no top-k), not 2.5"),
+        ({"top_k": -1}, "sampling.top_k: must be an integer >= 0 (0: no top-k), not -1"),
+        ({"ignore_eos": "yes"}, 'sampling.ignore_eos: must be true or false, not "yes"'),
+        ({"seed": "7"}, 'sampling.seed: must be a 64-bit integer or null, not "7"'),
+        ({"seed": 2**64}, "sampling.seed: must be a 64-bit integer or null, not 18446744073709551616"),
+        ({"temperature": "x" * 100}, 'sampling.temperature: must be a number >= 0, not "' + "x" * 36 + "..."),
+        ([1.0], "sampling: must be an object, not [1.0]"),
+        ({"top_k": -1, "temperature": "hot"}, 'sampling.temperature: must be a number >= 0, not "hot"'),  # the first
+    ],
+)
+def test_bad_sampling_values_are_400s_naming_the_field(served, sampling, error):
+    server = served(make_engine())
+    body = json.dumps({"prompts": [[5, 6]], "sampling": sampling}).encode()
+    status, doc = call(server.port, "POST", "/generate", body)
+    assert (status, doc) == (400, {"error": error})
+    assert server.service.requests == 0  # refused before the engine ran
+
+
+def test_every_sampling_field_has_a_rule():
+    assert set(SAMPLING_RULES) == {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def test_valid_sampling_values_at_their_limits_are_accepted(served):
+    server = served(make_engine())
+    sampling = {"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 1, "ignore_eos": True, "seed": -(2**63)}
+    body = json.dumps({"prompts": [[5, 6]], "sampling": sampling}).encode()
+    status, doc = call(server.port, "POST", "/generate", body)
+    assert status == 200 and [len(r) for r in doc["responses"]] == [1], doc
+    body = json.dumps({"prompts": [[5, 6]], "sampling": None}).encode()  # null: every default
+    assert call(server.port, "POST", "/generate", body)[0] == 200
 
 
 def test_wrong_paths_and_methods(served):
