@@ -39,11 +39,14 @@ ENV_GPUS = "KUBERL_GPUS"  # GPUs of this pod
 ENV_RESTART = "KUBERL_RESTART"  # gang restart count (0 on first start)
 ENV_POD_IP = "KUBERL_POD_IP"  # from the downward API: where this pod's servers can be reached
 ENV_RENDEZVOUS_TIMEOUT = "KUBERL_RENDEZVOUS_TIMEOUT"  # seconds to wait for every peer
+ENV_COLLECTIVE_TIMEOUT = "KUBERL_COLLECTIVE_TIMEOUT"  # seconds a collective waits for its peers (at least
+# the rendezvous timeout: `distributed.collective_timeout`); set it through spec.env
 ENV_HTTP_PORT = "KUBERL_HTTP_PORT"  # overrides logging.port (local runs, the e2e pod runner; 0: any free port)
 ENV_TERMINATION_LOG = "KUBERL_TERMINATION_LOG"  # overrides /dev/termination-log (tests, a pod's child processes)
 
 MASTER_PORT = 29500
 RENDEZVOUS_TIMEOUT_S = 600
+COLLECTIVE_TIMEOUT_S = 600  # torch's own NCCL default (and verl's); gloo's would be 30 min
 
 # ------------------------------------------------------------------------------------ exit codes
 # sysexits(3) numbers: distinct from Python's 1 and from the kernel's 128+signal codes.
@@ -90,6 +93,7 @@ class Topology:
     restart: int = 0
     pod_ip: str = "127.0.0.1"
     rendezvous_timeout_s: int = RENDEZVOUS_TIMEOUT_S
+    collective_timeout_s: int = COLLECTIVE_TIMEOUT_S  # as set; the groups use distributed.collective_timeout
 
     def replicas_of(self, role: Role) -> int:
         """Processes of a server role: rollout engine replicas (gpus / tensorParallelSize per pod), or
@@ -129,6 +133,12 @@ class Topology:
             except ValueError:
                 raise ValueError(f"{name}={raw!r} is not an integer") from None
 
+        def positive(name: str, default: int) -> int:
+            value = num(name, default)
+            if value < 1:
+                raise ValueError(f"{name}={value} must be at least 1 (seconds)")
+            return value
+
         return cls(
             role=role,  # type: ignore[arg-type]
             role_rank=num(ENV_ROLE_RANK, 0),
@@ -147,6 +157,7 @@ class Topology:
             restart=num(ENV_RESTART, 0),
             pod_ip=e.get(ENV_POD_IP, "127.0.0.1"),
             rendezvous_timeout_s=num(ENV_RENDEZVOUS_TIMEOUT, RENDEZVOUS_TIMEOUT_S),
+            collective_timeout_s=positive(ENV_COLLECTIVE_TIMEOUT, COLLECTIVE_TIMEOUT_S),
         )
 
 

@@ -16,6 +16,11 @@ timeout expires, instead of hanging in torch's own rendezvous. Failures raise `e
 
 Backends: gloo on CPU; on GPU machines "cpu:gloo,cuda:nccl", so CUDA buckets travel over NCCL and
 small CPU control messages over gloo, with the same code.
+
+Every group (the world, the trainer group, the sync group) gets the same collective timeout,
+`collective_timeout(topo)`: how long a collective waits for a peer that is gone or stuck before it
+fails (gloo raises "Timed out waiting ...ms"; NCCL's watchdog aborts), so the gang restart comes
+after minutes, not after torch's defaults (30 min for gloo groups made by new_group).
 """
 
 from __future__ import annotations
@@ -50,6 +55,21 @@ def describe_rank(rank: int, topo: Topology) -> tuple[str, int]:
     return "critic/reference/reward", rank - topo.first_rank_of("critic")  # env without the role counts
 
 
+def collective_timeout(topo: Topology, rendezvous_timeout_s: float | None = None) -> float:
+    """Seconds a collective on the job's groups waits for its peers: KUBERL_COLLECTIVE_TIMEOUT (600 by
+    default), but never less than the rendezvous timeout.
+
+    A rank may legitimately sit outside collectives while its peers wait inside one, for as long as
+    the work between two collectives takes on it: the longest generation of a step, trainer rank 0's
+    requests to the critic pod (the checkpoint's /save) while the other ranks wait for the answer
+    in a broadcast, a rank still waiting for role servers to come up. The runtime bounds the waits it
+    controls with the rendezvous timeout (server discovery, every HTTP request to a rollout or role
+    pod), so a shorter collective timeout would fail a job that is only slow.
+    """
+    rendezvous_s = float(topo.rendezvous_timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s)
+    return max(float(topo.collective_timeout_s), rendezvous_s)
+
+
 def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
@@ -64,7 +84,8 @@ class Groups:
     trainer: dist.ProcessGroup | None
     sync: dist.ProcessGroup | None
     backend: str
-    timeout_s: float
+    timeout_s: float  # the rendezvous timeout: also bounds waiting for servers and each HTTP request
+    collective_timeout_s: float  # every group's timeout (`collective_timeout`)
 
     @property
     def is_trainer(self) -> bool:
@@ -168,6 +189,7 @@ def rendezvous(
     rank = topo.rank + local_rank
     world = topo.world_size
     timeout_s = float(timeout_s if timeout_s is not None else topo.rendezvous_timeout_s)
+    collective = timedelta(seconds=collective_timeout(topo, timeout_s))
     backend = backend or default_backend()
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside the world of {world} processes (KUBERL_RANK/KUBERL_WORLD_SIZE)")
@@ -183,13 +205,14 @@ def rendezvous(
             store=dist.PrefixStore("kuberl/pg", store),
             rank=rank,
             world_size=world,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=collective,
         )
         # new_group is collective over the whole world: every rank creates every group, in order.
-        trainer = dist.new_group(list(range(topo.trainer_world_size)))
+        # Without a timeout a group gets torch's default (30 min gloo, 10 min NCCL), not the world's.
+        trainer = dist.new_group(list(range(topo.trainer_world_size)), timeout=collective)
         t = topo.trainer_world_size
         sync_ranks = [0, *range(t, t + topo.rollout_replicas)]
-        sync = dist.new_group(sync_ranks) if topo.rollout_replicas else None
+        sync = dist.new_group(sync_ranks, timeout=collective) if topo.rollout_replicas else None
     except (RuntimeError, dist.DistError) as e:
         raise PeerLost(f"forming the process groups failed: {e}", role=role, rank=role_rank) from e
     return Groups(
@@ -200,4 +223,5 @@ def rendezvous(
         sync=sync if rank in sync_ranks and sync is not None else None,
         backend=backend,
         timeout_s=timeout_s,
+        collective_timeout_s=collective.total_seconds(),
     )

@@ -14,7 +14,8 @@ The operator reads the exit code (see `contract`) to decide whether a gang resta
     ConfigError (bad config, paths, reward function)  78 EXIT_CONFIG_ERROR    no
     DataError (NaN/inf loss, unusable data)           65 EXIT_DATA_ERROR      no
     out of memory (torch.OutOfMemoryError, ...)       71 EXIT_OUT_OF_MEMORY   yes
-    PeerLost, torch.distributed errors, lost peers    75 EXIT_PEER_LOST       yes
+    PeerLost, torch.distributed errors, lost peers,   75 EXIT_PEER_LOST       yes
+    collective timeouts (gloo, NCCL's watchdog)
     KeyboardInterrupt                                 130                     yes
     anything else                                     1                       yes
 
@@ -32,7 +33,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .contract import ENV_TERMINATION_LOG, EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, EXIT_OUT_OF_MEMORY, EXIT_PEER_LOST
+from .contract import (
+    ENV_COLLECTIVE_TIMEOUT,
+    ENV_TERMINATION_LOG,
+    EXIT_CONFIG_ERROR,
+    EXIT_DATA_ERROR,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_PEER_LOST,
+)
 
 EXIT_FAILURE = 1  # anything unforeseen: the operator retries it within backoffLimit
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -42,9 +50,24 @@ MAX_MESSAGE = 600  # characters; the operator keeps at most 1024 of a terminatio
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
 
 # torch.distributed.DistError and its subclasses (DistBackendError: NCCL; DistNetworkError:
-# rendezvous; DistStoreError: TCPStore timeouts); gloo raises a plain RuntimeError with this text.
+# rendezvous; DistStoreError: TCPStore timeouts). gloo raises plain RuntimeErrors, and so did NCCL in
+# older torch releases (std::runtime_error): their texts are recognised too, taken from gloo's and
+# torch's sources.
 _DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
-_PEER_GONE = re.compile(r"connection (closed|reset) by peer|communicator was aborted|watchdog caught collective", re.I)
+_PEER_GONE = re.compile(
+    r"connection (closed|reset) by peer"  # gloo: the peer's process exited (pair.cc)
+    r"|communicator was aborted"  # NCCL: "NCCL communicator was aborted on rank 3. Original reason ..."
+    r"|remote process exited or there was a network error",  # NCCL: ncclRemoteError
+    re.I,
+)
+# A collective that waited past the group's timeout (distributed.collective_timeout): a peer is gone,
+# stuck, or only slower than the timeout allows.
+_COLLECTIVE_TIMEOUT = re.compile(
+    r"timed out waiting \d+ ?ms for (send|recv) operation"  # gloo: unbound_buffer.cc
+    r"|application timeout caused pair closure"  # gloo: the group's other operations after a timeout
+    r"|watchdog caught collective operation timeout",  # NCCL: ProcessGroupNCCL's watchdog
+    re.I,
+)
 _OOM_TEXT = re.compile(r"out of memory", re.I)
 
 
@@ -108,8 +131,12 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+def _is_collective_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_TIMEOUT.search(str(exc)))
+
+
 def _is_peer_lost(exc: BaseException) -> bool:
-    return isinstance(exc, PeerLost) or bool(_names(exc) & _DIST_ERRORS) or (
+    return isinstance(exc, PeerLost) or bool(_names(exc) & _DIST_ERRORS) or _is_collective_timeout(exc) or (
         isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(str(exc)))
     )
 
@@ -148,6 +175,12 @@ def describe(exc: BaseException) -> str:
         text = (
             f"out of memory ({_first_line(cause) or type(cause).__name__}); lower {OOM_FIELDS[0]}, "
             f"enable {OOM_FIELDS[1]}, or lower {OOM_FIELDS[2]}"
+        )
+    elif kind == "peer" and _is_collective_timeout(cause):
+        text = (
+            f"lost a peer process ({type(cause).__name__}: {_first_line(cause)}); a collective waited past "
+            "its timeout: another pod of the job failed, hangs or is unreachable (its own failure is the "
+            f"cause), or was only slow: then raise {ENV_COLLECTIVE_TIMEOUT}"
         )
     elif kind == "peer" and not isinstance(cause, PeerLost):
         text = (

@@ -50,6 +50,14 @@ def dist_error(name: str, message: str) -> BaseException:
     return getattr(torch.distributed, name)(message)
 
 
+NCCL_WATCHDOG = ("[PG ID 1 PG GUID 1 Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, "
+                 "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600081 milliseconds before "
+                 "timing out.")
+NCCL_REMOTE = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:268, remote process exited or there "
+               "was a network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a network "
+               "error or a remote process exiting prematurely.\nLast error:\nsocketProgress: Connection closed by "
+               "remote peer trainer-1.job.ns.svc<52824>")
+
 CASES = [
     # (exception, exit code, words the one-line message must contain)
     (ConfigError("prompt file has no column 'question'", field="runtime.data.promptKey"), EXIT_CONFIG_ERROR,
@@ -75,6 +83,28 @@ CASES = [
      ["DistStoreError", "wait timeout"]),
     (dist_error("DistNetworkError", "failed to connect to trainer-0.job.ns.svc:29500"), EXIT_PEER_LOST,
      ["DistNetworkError", "trainer-0.job.ns.svc:29500"]),
+    # Collective timeouts and lost NCCL peers, with the texts of torch's and gloo's sources (gloo's are also
+    # produced for real in tests/integration/test_rendezvous.py). ProcessGroupNCCL's watchdog
+    # (WorkNCCL::checkTimeout) raises DistBackendError; torch releases before it, std::runtime_error.
+    (dist_error("DistBackendError", NCCL_WATCHDOG), EXIT_PEER_LOST,
+     ["lost a peer", "Watchdog caught collective operation timeout", "raise KUBERL_COLLECTIVE_TIMEOUT"]),
+    (RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=668, OpType=ALLREDUCE, "
+                  "Timeout(ms)=600000) ran for 600097 milliseconds before timing out."), EXIT_PEER_LOST,
+     ["RuntimeError", "OpType=ALLREDUCE", "raise KUBERL_COLLECTIVE_TIMEOUT"]),
+    # What the next collective of that group raises (NCCLComm::getNcclComm), naming the original reason.
+    (dist_error("DistBackendError", f"NCCL communicator was aborted on rank 1.  Original reason for failure was: "
+                                    f"{NCCL_WATCHDOG}"), EXIT_PEER_LOST,
+     ["DistBackendError", "aborted on rank 1", "raise KUBERL_COLLECTIVE_TIMEOUT"]),
+    # C10D_NCCL_CHECK on ncclRemoteError: DistBackendError now, RuntimeError in older torch.
+    (dist_error("DistBackendError", NCCL_REMOTE), EXIT_PEER_LOST, ["lost a peer", "remote process exited"]),
+    (RuntimeError(NCCL_REMOTE), EXIT_PEER_LOST, ["lost a peer", "remote process exited"]),
+    (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:133] Timed out waiting 1800000ms "
+                  "for send operation to complete"), EXIT_PEER_LOST, ["1800000ms", "raise KUBERL_COLLECTIVE_TIMEOUT"]),
+    (raised_from(PeerLost("weight sync of version 4 failed: Application timeout caused pair closure", role="rollout",
+                          rank=0), RuntimeError("Application timeout caused pair closure")), EXIT_PEER_LOST,
+     ["PeerLost: weight sync of version 4 failed", "rollout rank 0"]),
+    # A timeout that is not a collective's stays what it is.
+    (RuntimeError("Timed out waiting for the reward function"), EXIT_FAILURE, ["RuntimeError: Timed out waiting"]),
     # The runtime's own diagnosis wins over what it wraps.
     (raised_from(ConfigError("reward function math_reward raised", field="runtime.reward.function"),
                  MemoryError()), EXIT_CONFIG_ERROR, ["reward function math_reward raised", "runtime.reward.function"]),
