@@ -94,9 +94,10 @@ def documented_rbac_rules(doc: Path = DOCS) -> list[Obj]:
 
 
 def service_account_kubeconfig(api_client: client.ApiClient, admin_kubeconfig: Path, out: Path,
-                               rules: list[Obj]) -> Path:
-    """A kubeconfig for a ServiceAccount bound (cluster-wide) to exactly `rules`."""
+                               rules: list[Obj], name: str | None = None) -> Path:
+    """A kubeconfig for a ServiceAccount (the operator's, or `name`) bound cluster-wide to exactly `rules`."""
     core, rbac = client.CoreV1Api(api_client), client.RbacAuthorizationV1Api(api_client)
+    sa = name or SERVICE_ACCOUNT
 
     def ensure(create, *args):
         try:
@@ -106,27 +107,27 @@ def service_account_kubeconfig(api_client: client.ApiClient, admin_kubeconfig: P
                 raise
 
     ensure(core.create_namespace, {"metadata": {"name": SYSTEM_NS}})
-    ensure(core.create_namespaced_service_account, SYSTEM_NS, {"metadata": {"name": SERVICE_ACCOUNT}})
-    role = {"metadata": {"name": SERVICE_ACCOUNT}, "rules": rules}
+    ensure(core.create_namespaced_service_account, SYSTEM_NS, {"metadata": {"name": sa}})
+    role = {"metadata": {"name": sa}, "rules": rules}
     try:
         rbac.create_cluster_role(role)
     except ApiException as e:
         if e.status != 409:
             raise
-        rbac.replace_cluster_role(SERVICE_ACCOUNT, role)
+        rbac.replace_cluster_role(sa, role)
     ensure(rbac.create_cluster_role_binding, {
-        "metadata": {"name": SERVICE_ACCOUNT},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": SERVICE_ACCOUNT},
-        "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": SYSTEM_NS}]})
+        "metadata": {"name": sa},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": SYSTEM_NS}]})
     token = wait_for(lambda: core.create_namespaced_service_account_token(
-        SERVICE_ACCOUNT, SYSTEM_NS, {"spec": {"expirationSeconds": 3600}}).status.token,
+        sa, SYSTEM_NS, {"spec": {"expirationSeconds": 3600}}).status.token,
         timeout=30, what="a service account token")
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     cluster = admin["clusters"][0]
     out.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": SERVICE_ACCOUNT}}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": sa}}],
         "current-context": "operator"}))
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-from kubernetes import config, watch
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from operator_support import (FIELD_MANAGER, Cluster, ProgressServer, condition, documented_rbac_rules,
                               install_crd, rljob, service_account_kubeconfig, start_operator)
@@ -739,6 +739,36 @@ def test_the_documented_rbac_table_parses_into_the_rules_the_operator_runs_with(
     assert rules[("", "pods")] == {"list", "watch", "create", "delete", "patch"}
     assert rules[("kuberl.io", "rljobs/status")] == {"update"}
     assert rules[("scheduling.k8s.io", "podgroups")] == {"get", "create", "delete", "patch"}
+
+
+def test_owner_references_that_block_deletion_need_the_documented_finalizers_rule(k8s_cluster, kube, tmp_path):
+    """The dev cluster enforces OwnerReferencesPermissionEnforcement (as OpenShift does): a child whose
+    owner reference sets blockOwnerDeletion, as the operator's children do, is refused to a client
+    without `update` on rljobs/finalizers, and accepted with the documented rules."""
+    job = kube.create(rljob("fin"))
+    ref = {"apiVersion": "kuberl.io/v1alpha1", "kind": "RLJob", "name": "fin", "uid": job["metadata"]["uid"],
+           "controller": True, "blockOwnerDeletion": True}
+    documented = documented_rbac_rules()
+    without = [r for r in documented if r["resources"] != ["rljobs/finalizers"]]
+    assert len(without) == len(documented) - 1
+    for name, rules, allowed in (("kuberl-no-finalizers", without, False), ("kuberl-documented", documented, True)):
+        with config.new_client_from_config(config_file=str(k8s_cluster.kubeconfig)) as admin:
+            kc = service_account_kubeconfig(admin, k8s_cluster.kubeconfig, tmp_path / name, rules, name=name)
+        with config.new_client_from_config(config_file=str(kc)) as api:
+            cm = {"metadata": {"name": name, "ownerReferences": [ref]}, "data": {}}
+
+            def attempt():
+                try:
+                    client.CoreV1Api(api).create_namespaced_config_map(kube.ns, cm)
+                    return "created"
+                except ApiException as e:
+                    if e.status == 403 and "blockOwnerDeletion" in e.body:
+                        return "refused for blockOwnerDeletion"
+                    assert e.status == 403, e.body
+                    return None  # the new binding not yet seen by the authorizer: try again
+
+            outcome = wait_for(attempt, timeout=T, what=f"{name}: a create the authorizer has decided")
+        assert outcome == ("created" if allowed else "refused for blockOwnerDeletion"), name
 
 
 def test_metrics_and_liveness(kube, operator):

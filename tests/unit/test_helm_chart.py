@@ -253,9 +253,10 @@ def rules(role: dict) -> dict[tuple[str, str], set[str]]:
 NAMESPACED_RULES = {
     ("kuberl.io", "rljobs"): {"get", "list", "watch", "delete"},
     ("kuberl.io", "rljobs/status"): {"update"},
+    ("kuberl.io", "rljobs/finalizers"): {"update"},
     ("", "pods"): {"list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-    ("", "services"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
     **{(g, r): {"get", "create", "delete", "patch"}
        for g in ("scheduling.k8s.io", "scheduling.volcano.sh", "scheduling.x-k8s.io")

@@ -61,20 +61,27 @@ the operator with exactly these.
 - apiGroups: [kuberl.io]
   resources: [rljobs/status]
   verbs: [update]
+# Children carry owner references with blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement
+# admission plugin runs (OpenShift), setting one needs update on the owner's finalizers.
+- apiGroups: [kuberl.io]
+  resources: [rljobs/finalizers]
+  verbs: [update]
 # One pod per role replica: watched by label, created, deleted on gang restarts, adopted (patch)
 # when orphaned by `kubectl delete rlj --cascade=orphan` and the job re-created.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, create, delete, patch]
 # The rendered runtime config: created, read, kept current; watched so a deleted one is recreated.
+# delete: never called, but OwnerReferencesPermissionEnforcement (OpenShift) lets only a client that
+# may delete an object change its owner references, which adopting an orphaned one does.
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # The headless Service that gives the gang stable DNS names; watched so a deleted one is recreated;
-# read and adopted (patch) when it exists already.
+# read and adopted (patch) when it exists already (delete: as for ConfigMaps).
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # Warning/Normal Events on every transition.
 - apiGroups: [""]
   resources: [events]

@@ -296,6 +296,9 @@ class LocalCluster:
             # Nodes are simulated: the node-lifecycle controller never sees a kubelet remove the
             # not-ready taint that this plugin adds at creation, so nothing would schedule.
             "--disable-admission-plugins=TaintNodesByCondition",
+            # As OpenShift enables it: an owner reference with blockOwnerDeletion needs `update` on
+            # the owner's finalizers subresource, so the operator's documented RBAC is checked for it.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             # On loopback the "kubernetes" service endpoints would point at 127.0.0.1; skip them.
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
