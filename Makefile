@@ -5,12 +5,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv cluster-binaries unit clean
+.PHONY: demo test venv cluster-binaries unit lock clean
 
-$(VENV)/.installed-%: pyproject.toml
+# The test environment (dev extra) installs the exact versions CI last passed with
+# (.ci/constraints.txt, regenerate with `make lock`), so a release published between two runs cannot
+# change what `make test` tests; `make demo` and users get the newest releases pyproject allows.
+CONSTRAINTS := .ci/constraints.txt
+
+$(VENV)/.installed-%: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$*]'
+	$(PY) -m pip install -q $(if $(filter dev,$*),-c $(CONSTRAINTS)) -e '.[$*]'
 	touch $@
 
 ## demo: run the embedded demo job (a tiny model learns arithmetic with GRPO on this CPU)
@@ -27,6 +32,11 @@ cluster-binaries: $(VENV)/.installed-dev
 
 unit: $(VENV)/.installed-dev
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## lock: record the dev environment's versions as the constraints `make test` installs
+lock: $(VENV)/.installed-dev
+	{ echo "# make test installs the dev extra with these exact versions (make lock rewrites this file)"; \
+	  $(PY) -m pip freeze --exclude-editable | sort; } > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
