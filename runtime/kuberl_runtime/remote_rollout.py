@@ -32,6 +32,16 @@ from .sync import DEFAULT_BUCKET_BYTES, WeightSender, WeightsVersionError
 from .sync.digest import digest_dir, tee_digests, write_digest
 
 
+def int64_seed(seed: int) -> int:
+    """`seed` wrapped into a signed 64-bit integer, what the rollout server accepts.
+
+    Job.sampling's seeds pass 2**63 once training.seed is above about 9e9. torch's generators take a
+    seed modulo 2**64 (a negative one as its two's complement), so the wrapped seed samples exactly
+    what the engine did with the unwrapped one, where that was below 2**64.
+    """
+    return (seed + 2**63) % 2**64 - 2**63
+
+
 class RemoteRolloutEngine:
     def __init__(self, addresses: list[str], sender: WeightSender | None = None, *, timeout_s: float = 600.0,
                  version: int = 0) -> None:
@@ -73,7 +83,7 @@ class RemoteRolloutEngine:
         for i, (lo, hi) in enumerate(bounds):
             if hi > lo:
                 # Each replica gets its own seed stream, still a pure function of the caller's seed.
-                seed = None if params.seed is None else params.seed + 7919 * i  # replica 0: the caller's seed
+                seed = None if params.seed is None else int64_seed(params.seed + 7919 * i)  # replica 0: the caller's
                 body = {
                     "prompts": [p.tolist() for p in prompts[lo:hi]],
                     "sampling": {**params.__dict__, "seed": seed},

@@ -163,6 +163,22 @@ def test_valid_sampling_values_at_their_limits_are_accepted(served):
     assert call(server.port, "POST", "/generate", body)[0] == 200
 
 
+def test_the_client_sends_seeds_past_64_bits_as_the_sampling_they_stand_for(served):
+    # Job.sampling's seed, (training.seed * 1_000_003 + step) * 1024 + rank, passes 2**63 once training.seed
+    # is above about 9e9: the client wraps it into the 64 bits the server accepts (a 400 before), and
+    # torch's generator, which takes seeds modulo 2**64, samples what it did with the unwrapped seed.
+    seed = (10**10 * 1_000_003 + 1) * 1024
+    assert 2**63 <= seed < 2**64
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, ignore_eos=True, seed=seed)
+    client = RemoteRolloutEngine([f"127.0.0.1:{served(make_engine()).port}"])
+    gen = client.generate(PROMPTS, params)
+    client.close()
+    local = make_engine().generate(PROMPTS, params)
+    assert [r.tolist() for r in gen.response_ids] == [r.tolist() for r in local.response_ids]
+    other = make_engine().generate(PROMPTS, dataclasses.replace(params, seed=seed + 1))
+    assert [r.tolist() for r in other.response_ids] != [r.tolist() for r in local.response_ids]  # the seed counts
+
+
 def test_wrong_paths_and_methods(served):
     server = served(make_engine())
     assert call(server.port, "GET", "/nope")[0] == 404
