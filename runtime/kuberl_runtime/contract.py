@@ -46,7 +46,10 @@ ENV_TERMINATION_LOG = "KUBERL_TERMINATION_LOG"  # overrides /dev/termination-log
 
 MASTER_PORT = 29500
 RENDEZVOUS_TIMEOUT_S = 600
-COLLECTIVE_TIMEOUT_S = 600  # torch's own NCCL default (and verl's); gloo's would be 30 min
+# torch's default for the groups new_group makes on "gloo" and on "cpu:gloo,cuda:nccl" (30 min on both legs;
+# its 10 min is for a plain "nccl" backend only). Colocated generation is not bounded by anything shorter:
+# trainer ranks whose completions ended early wait in the next collective for the rank still generating.
+COLLECTIVE_TIMEOUT_S = 1800
 
 # ------------------------------------------------------------------------------------ exit codes
 # sysexits(3) numbers: distinct from Python's 1 and from the kernel's 128+signal codes.

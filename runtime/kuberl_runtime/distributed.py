@@ -19,8 +19,8 @@ small CPU control messages over gloo, with the same code.
 
 Every group (the world, the trainer group, the sync group) gets the same collective timeout,
 `collective_timeout(topo)`: how long a collective waits for a peer that is gone or stuck before it
-fails (gloo raises "Timed out waiting ...ms"; NCCL's watchdog aborts), so the gang restart comes
-after minutes, not after torch's defaults (30 min for gloo groups made by new_group).
+fails (gloo raises "Timed out waiting ...ms"; NCCL's watchdog aborts), the same for every group and
+settable per job (KUBERL_COLLECTIVE_TIMEOUT), where torch gives new_group's groups its backend default.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def describe_rank(rank: int, topo: Topology) -> tuple[str, int]:
 
 
 def collective_timeout(topo: Topology, rendezvous_timeout_s: float | None = None) -> float:
-    """Seconds a collective on the job's groups waits for its peers: KUBERL_COLLECTIVE_TIMEOUT (600 by
+    """Seconds a collective on the job's groups waits for its peers: KUBERL_COLLECTIVE_TIMEOUT (1800 by
     default), but never less than the rendezvous timeout.
 
     A rank may legitimately sit outside collectives while its peers wait inside one, for as long as
@@ -208,7 +208,8 @@ def rendezvous(
             timeout=collective,
         )
         # new_group is collective over the whole world: every rank creates every group, in order.
-        # Without a timeout a group gets torch's default (30 min gloo, 10 min NCCL), not the world's.
+        # Without a timeout a group gets torch's default for the backend (30 min for gloo and for both legs
+        # of cpu:gloo,cuda:nccl), not the world's.
         trainer = dist.new_group(list(range(topo.trainer_world_size)), timeout=collective)
         t = topo.trainer_world_size
         sync_ranks = [0, *range(t, t + topo.rollout_replicas)]

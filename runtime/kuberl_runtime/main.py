@@ -207,7 +207,10 @@ def run_pod(topology: Topology) -> tuple[int, str]:
 def main() -> None:
     progress = pod = None
     try:
-        topology = Topology.from_env()
+        try:
+            topology = Topology.from_env()
+        except ValueError as e:  # a KUBERL_*_TIMEOUT a user set in spec.env: every restart would fail alike
+            raise errors.ConfigError(str(e), field="spec.env") from None
         cfg = load_config(os.environ.get(ENV_CONFIG))
         if topology.role in ("trainer", "rollout") and topology.local_world_size > 1 and "LOCAL_RANK" not in os.environ:
             pod = run_pod(topology)  # one child per GPU (trainer) or engine replica (rollout), back in main()
