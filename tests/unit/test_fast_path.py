@@ -357,3 +357,17 @@ def test_packing_keeps_every_sequence_once_within_the_budget_and_no_more_passes_
 def test_packing_gives_a_sequence_longer_than_the_budget_its_own_micro_batch():
     groups = pack_sorted([10, 10, 500], budget=100)
     assert groups == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("seed", [10**11, 2**70, -5])
+def test_any_training_seed_gives_sampling_seeds_torch_accepts(tmp_path, seed):
+    """The per-step seed (seed * 1_000_003 + step) * 1024 + rank passes 2**64 once training.seed is
+    above ~1.8e10 (torch.Generator.manual_seed refused it) or is negative: it is taken modulo 2**64,
+    which torch's generators do to any seed they accept, so the samples are unchanged where it ran."""
+    job = Job.build(config(tmp_path, rollout="builtin", train="auto", training={"seed": seed}), device=CPU)
+    sampling = job.sampling(3)
+    assert sampling.seed == ((seed * 1_000_003 + 3) * 1024 + job.rank) % 2**64
+    rollout = job.rollout_engine(job.train_engine(job.build_policy(), lr=1e-3))
+    _, prompts = job.next_batch()
+    out = rollout.generate(prompts, sampling)
+    assert len(out.response_ids) == len(prompts)

@@ -204,7 +204,8 @@ class Job:
 
     def sampling(self, step: int) -> SamplingParams:
         """Sampling for `step`; the seed depends only on (training.seed, step, rank), so a resumed
-        run samples exactly what the uninterrupted one would have."""
+        run samples exactly what the uninterrupted one would have. Taken modulo 2**64, as torch's
+        generators take seeds (the same samples; a large or negative training.seed no longer fails)."""
         r = self.cfg.rollout
         return SamplingParams(
             temperature=r.temperature,
@@ -212,7 +213,7 @@ class Job:
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
             ignore_eos=r.ignore_eos,
-            seed=(self.cfg.training.seed * 1_000_003 + step) * 1024 + self.rank,
+            seed=((self.cfg.training.seed * 1_000_003 + step) * 1024 + self.rank) % 2**64,
         )
 
     # ------------------------------------------------------------------------------------- data
