@@ -62,9 +62,9 @@ def collective_timeout(topo: Topology, rendezvous_timeout_s: float | None = None
     A rank may legitimately sit outside collectives while its peers wait inside one, for as long as
     the work between two collectives takes on it: the longest generation of a step, trainer rank 0's
     requests to the critic pod (the checkpoint's /save) while the other ranks wait for the answer
-    in a broadcast, a rank still waiting for role servers to come up. The runtime bounds the waits it
-    controls with the rendezvous timeout (server discovery, every HTTP request to a rollout or role
-    pod), so a shorter collective timeout would fail a job that is only slow.
+    in a broadcast, a rank still waiting for role servers to come up. Server discovery is bounded by
+    the rendezvous timeout and each HTTP request to a rollout or role pod by this timeout, so a
+    shorter collective timeout than the rendezvous one would fail a job that is only slow.
     """
     rendezvous_s = float(topo.rendezvous_timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s)
     return max(float(topo.collective_timeout_s), rendezvous_s)
@@ -84,7 +84,7 @@ class Groups:
     trainer: dist.ProcessGroup | None
     sync: dist.ProcessGroup | None
     backend: str
-    timeout_s: float  # the rendezvous timeout: also bounds waiting for servers and each HTTP request
+    timeout_s: float  # the rendezvous timeout: also bounds waiting for rollout and role servers to come up
     collective_timeout_s: float  # every group's timeout (`collective_timeout`)
 
     @property

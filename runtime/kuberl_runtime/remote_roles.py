@@ -60,7 +60,10 @@ class RoleClient:
 
     @classmethod
     def connect(cls, groups: Groups, *, timeout_s: float | None = None, **kwargs):
-        """Wait until every replica of the role published its address (its model is loaded)."""
+        """Wait until every replica of the role published its address (its model is loaded), at most
+        the rendezvous timeout; a request may then take up to the collective timeout, as long as the
+        trainer ranks waiting for its answer tolerate (`timeout_s` sets both)."""
+        request_s = groups.collective_timeout_s if timeout_s is None else timeout_s
         timeout_s = groups.timeout_s if timeout_s is None else timeout_s
         keys = [address_key(cls.role, i) for i in range(groups.topology.replicas_of(cls.role))]
         deadline = time.monotonic() + timeout_s
@@ -71,7 +74,7 @@ class RoleClient:
                 raise PeerLost(f"{cls.role} servers {missing} did not come up within {timeout_s:g} s "
                                "(model still loading?)", role=cls.role, rank=missing[0])
             time.sleep(POLL_S)
-        return cls([groups.store.get(k).decode() for k in keys], timeout_s=timeout_s, **kwargs)
+        return cls([groups.store.get(k).decode() for k in keys], timeout_s=request_s, **kwargs)
 
     def post(self, i: int, route: str, body: dict) -> dict:
         where = f"{self.role} server {self.addresses[i]}"

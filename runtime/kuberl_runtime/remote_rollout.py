@@ -57,7 +57,11 @@ class RemoteRolloutEngine:
     @classmethod
     def connect(cls, groups: Groups, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                 timeout_s: float | None = None) -> RemoteRolloutEngine:
-        """Wait until every rollout replica published its address (its engine is built), then connect."""
+        """Wait until every rollout replica published its address (its engine is built), at most the
+        rendezvous timeout, then connect. A /generate may take up to the collective timeout: a long
+        generation is work, not a lost peer, and the trainer ranks wait that long anyway
+        (`timeout_s` sets both)."""
+        request_s = groups.collective_timeout_s if timeout_s is None else timeout_s
         timeout_s = groups.timeout_s if timeout_s is None else timeout_s
         replicas = groups.topology.rollout_replicas
         deadline = time.monotonic() + timeout_s
@@ -71,7 +75,7 @@ class RemoteRolloutEngine:
                 )  # fmt: skip
             time.sleep(0.05)
         addresses = [groups.store.get(k).decode() for k in keys]
-        return cls(addresses, WeightSender(groups, bucket_bytes), timeout_s=timeout_s)
+        return cls(addresses, WeightSender(groups, bucket_bytes), timeout_s=request_s)
 
     # ---------------------------------------------------------------------------------- generate
 

@@ -228,12 +228,17 @@ def test_a_role_server_that_never_comes_is_named(tmp_path):
 
     store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
     topo = Topology(trainer_world_size=1, reference_replicas=2, world_size=3)
-    groups = Groups(topology=topo, rank=0, store=store, trainer=None, sync=None, backend="gloo", timeout_s=0.3)
+    groups = Groups(topology=topo, rank=0, store=store, trainer=None, sync=None, backend="gloo", timeout_s=0.3,
+                    collective_timeout_s=1800.0)
     store.set("kuberl/reference_address/0", "127.0.0.1:1")
     with pytest.raises(PeerLost) as e:
         RemoteReference.connect(groups)
     assert (e.value.role, e.value.rank) == ("reference", 1)
     assert "reference servers [1] did not come up within 0.3 s" in e.value.message
+    # Once every server is there, a request may take as long as a collective may wait (a long forward
+    # is work), not the rendezvous timeout that bounded the discovery.
+    store.set("kuberl/reference_address/1", "127.0.0.1:2")
+    assert RemoteReference.connect(groups).timeout_s == 1800.0
 
 
 def test_a_vanished_server_is_named(tmp_path, serve):

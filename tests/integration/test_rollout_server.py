@@ -203,3 +203,27 @@ def test_the_client_names_a_stale_or_vanished_rollout(served):
     assert (e.value.role, e.value.rank) == ("rollout", 1)
     assert client.unreachable() == [1]
     client.close()
+
+
+def test_connect_waits_the_rendezvous_timeout_and_lets_a_generate_take_the_collective_one():
+    """Discovery gives up after the rendezvous timeout, naming the missing replica; a /generate may then
+    take as long as the trainer ranks wait in a collective (a long generation is work, not a lost peer)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from kuberl_runtime.distributed import Groups, Topology
+    from kuberl_runtime.launch import free_port
+    from kuberl_runtime.remote_rollout import ADDRESS_KEY
+
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    topo = Topology(trainer_world_size=1, rollout_replicas=2, world_size=3)
+    sync = object()  # a stand-in: connect() only hands it to the weight sender, nothing is sent here
+    groups = Groups(topology=topo, rank=0, store=store, trainer=None, sync=sync, backend="gloo", timeout_s=0.3,
+                    collective_timeout_s=1800.0)
+    store.set(f"{ADDRESS_KEY}0", "127.0.0.1:1")
+    with pytest.raises(PeerLost) as e:
+        RemoteRolloutEngine.connect(groups)
+    assert (e.value.role, e.value.rank) == ("rollout", 1) and "did not come up within 0.3 s" in e.value.message
+    store.set(f"{ADDRESS_KEY}1", "127.0.0.1:2")
+    assert RemoteRolloutEngine.connect(groups).timeout_s == 1800.0
