@@ -20,6 +20,12 @@ Key = tuple[str, str]
 async def reconcile(ctx: OperatorContext, key: Key) -> float | None:
     namespace, name = key
     started = time.perf_counter()
+    # Pods first, the job after: `kubectl delete --cascade=orphan` sets the job's deletionTimestamp
+    # before the garbage collector strips the pods' ownerReferences, so a pod seen orphaned here
+    # comes with a job read that says it is being deleted (the planner then stays away). Read the
+    # other way round, a pass that had read the job just before the deletion adopted its own pods
+    # back, and the collector deleted them with the job.
+    pods = await asyncio.to_thread(observe.list_pods, ctx.kube, namespace, name)
     job = await asyncio.to_thread(observe.read_job, ctx.kube, namespace, name)
     if job is None:  # deleted: the garbage collector removes the children
         ctx.queue.forget(key)
@@ -27,7 +33,6 @@ async def reconcile(ctx: OperatorContext, key: Key) -> float | None:
         ctx.kube.forget(namespace, name)
         ctx.metrics.job_phase(key, None)
         return None
-    pods = await asyncio.to_thread(observe.list_pods, ctx.kube, namespace, name)
     pod_nodes = {p["spec"]["nodeName"] for p in pods if (p.get("spec") or {}).get("nodeName")}
     nodes = await asyncio.to_thread(ctx.facts.nodes, pod_nodes)
     native_gang = await asyncio.to_thread(ctx.facts.native_gang)
