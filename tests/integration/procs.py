@@ -1,6 +1,7 @@
 """Spawning real processes for the distributed runtime tests: env like the operator's, free ports.
 
     results = run_ranks(worker, job_env(trainers=2, rollouts=2), timeout=60)
+    stop_tree(popen)    # a `kuberl-runtime`/`kuberl local` subprocess and every process it started
 
 `worker(rank_env) -> picklable` runs in its own process (forked from a fork server) with the
 operator's environment for its rank; results come back in rank order. An exception in a worker is
@@ -12,7 +13,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
+import subprocess
 import time
 import traceback
 from queue import Empty
@@ -23,6 +26,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _stat(pid: int | str) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """The live processes below `pid` (children, grandchildren, ...), from /proc's parent links:
+    {pid: start time}, the start time telling a reused pid from the process seen here.
+
+    A pod's processes are not in its process group or session (the launcher gives each its own), so
+    signalling the group would miss them."""
+    procs = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := _stat(e)) is not None}
+    found: dict[int, int] = {}
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in procs.items() if parent in frontier and child not in found}
+        found.update({child: procs[child][1] for child in frontier})
+    return found
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """End `proc` and every process it started: SIGTERM first (a pod's shutdown, in which
+    kuberl-runtime stops its own processes), SIGKILL to whatever is left after `grace_s`.
+
+    For test teardown: a test that fails or times out must not leave training processes behind
+    (they would wait for their peers, or for a file the test never writes, long after the session)."""
+    if proc.poll() is not None:
+        return  # its processes, if any outlived it, have another parent now: nothing to find them by
+    tree = descendants(proc.pid)  # before the parent goes, for the same reason
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        tree.update(descendants(proc.pid))
+        proc.kill()
+        proc.wait()
+    for pid, started in tree.items():
+        if (_stat(pid) or (0, None))[1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def job_env(trainers: int, rollouts: int, *, timeout_s: int = 30, port: int | None = None,

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from kuberl_runtime.contract import EXIT_CONFIG_ERROR, parse_termination_message
-from procs import free_port
+from procs import free_port, stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -68,6 +68,17 @@ def write_config(tmp: Path) -> Path:
     return path
 
 
+STARTED: list[Pod] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_pods():
+    """Whatever a test leaves running (it failed or timed out mid-way) ends with it, children included."""
+    yield
+    while STARTED:
+        stop_tree(STARTED.pop().proc)
+
+
 class Pod:
     """One `kuberl-runtime` process with a trainer pod's environment (build_env's variables)."""
 
@@ -92,6 +103,7 @@ class Pod:
         })
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen([ENTRY], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+        STARTED.append(self)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -107,8 +119,7 @@ class Pod:
             return self.proc.wait(timeout=timeout)
         finally:
             if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+                stop_tree(self.proc)
 
     def log(self) -> str:
         return self.output.read_text(errors="replace")

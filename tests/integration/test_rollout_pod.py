@@ -30,7 +30,7 @@ from kuberl_runtime.contract import Topology
 from kuberl_runtime.engines import HFRolloutEngine
 from kuberl_runtime.models import build_policy
 from kuberl_runtime.rollout_server import ADDRESS_KEY, RolloutServer, RolloutService, _sibling_addresses
-from procs import free_port
+from procs import free_port, stop_tree
 
 pytestmark = pytest.mark.integration
 VOCAB = 32
@@ -187,9 +187,7 @@ def test_a_rollout_pod_with_two_gpus_runs_two_engine_replicas(tmp_path):
         codes = [p.wait(timeout=120) for p, *_ in pods]
     finally:
         for p, *_ in pods:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            stop_tree(p)  # the rollout pod's two engine processes too, when the test failed mid-way
     output = pods[1][3].read_text()
     assert codes == [0, 0], "\n".join(o.read_text()[-3000:] for *_, o in pods)
     assert "kuberl-runtime: starting 2 rollout processes (ranks 1..2)" in output
