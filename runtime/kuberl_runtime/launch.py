@@ -16,6 +16,7 @@ trainer pod with several GPUs runs it too (`kuberl-runtime` starts one process p
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -34,6 +35,11 @@ from . import contract
 
 GRACE_S = 10.0  # after the first failure, how long the others may take to exit by themselves
 TERM_S = 5.0  # after SIGTERM, before SIGKILL
+PR_SET_PDEATHSIG = 1
+try:  # looked up here: the forked child, before exec, should only call it
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
 
 
 def run_role(cfg, topology: contract.Topology) -> None:
@@ -203,16 +209,30 @@ def run_local_processes(doc: dict[str, Any], *, metrics_file: str | None = None,
     return code
 
 
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when `parent` (this process) dies, however it dies. (Linux
+    ties it to the thread that starts the child: supervise() runs in one that waits for them all.)"""
+    def preexec() -> None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the call above
+            os._exit(1)
+    return preexec if _prctl is not None else None
+
+
 def supervise(procs: list[Proc], args: list[str], *, out, grace_s: float = GRACE_S,
               label: str = "kuberl local") -> tuple[int, Proc | None]:
     """Start `args` once per Proc (its env over os.environ, output lines prefixed "role-rank"), wait
     for all; the first failure stops the rest. (exit code, the first process that failed or None).
-    Also what `kuberl-runtime` runs in a trainer pod with one process per GPU."""
+    Also what `kuberl-runtime` runs in a trainer pod with one process per GPU.
+
+    The processes die with this one: killed outright (SIGKILL, the OOM killer) it cannot stop them,
+    and they would otherwise run on, or wait for their peers until a timeout, with nobody to report to."""
     pumps = []
     try:
         for p in procs:
             p.popen = subprocess.Popen(args, env={**os.environ, **p.env}, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                       preexec_fn=_die_with(os.getpid()))
             t = threading.Thread(target=_pump, args=(p.popen.stdout, p.name.replace(" rank ", "-"), out), daemon=True)
             t.start()
             pumps.append(t)

@@ -210,3 +210,32 @@ def test_sigterm_to_the_pod_stops_its_processes(tmp_path):
     assert pod.wait(timeout=60) == 128 + signal.SIGTERM, pod.log()[-4000:]
     assert all(gone(pid) for pid in pids(tmp_path, range(2)))
     assert "terminated (SIGTERM)" in pod.termination()[1]
+
+
+def test_a_pod_process_killed_outright_takes_its_processes_with_it(tmp_path):
+    """SIGKILL (the OOM killer, say) leaves kuberl-runtime no time to stop its processes: they die
+    with it instead of waiting on (here: for `go`, forever) with nobody to report to."""
+    config = write_config(tmp_path)  # no `go`: both processes wait in their first reward call
+    pod = Pod(tmp_path, config, index=0, replicas=1, per_pod=2, master_port=free_port())
+    wait_for(lambda: all((tmp_path / f"pid-{r}").exists() for r in range(2)), [pod], "both processes training")
+    children = pids(tmp_path, range(2))
+    pod.proc.kill()
+    pod.proc.wait()
+    try:
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if running(pid)], "processes outlived their pod's main process"
+    finally:
+        for pid in children:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps for init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
