@@ -332,6 +332,41 @@ def test_cluster_processes_die_with_the_process_that_started_them(tmp_path):
              what="the orphaned control plane to die with its parent")
 
 
+def test_a_session_stopped_with_sigterm_still_tears_its_fixtures_down(tmp_path):
+    """`timeout`, a CI runner or `kill` stop pytest with SIGTERM: the plugin makes that a Ctrl-C, so
+    fixtures that started processes of their own (the operator, the pod runner's pods) end them."""
+    (tmp_path / "test_held.py").write_text(
+        "import subprocess, time\n"
+        "import pytest\n"
+        "@pytest.fixture\n"
+        "def child(tmp_path_factory):\n"
+        "    proc = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        "    yield proc\n"
+        "    proc.kill()\n"
+        "    proc.wait()\n"
+        "def test_held(child):\n"  # the pid file says: set up, the teardown is due
+        f"    open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid))\n"
+        "    time.sleep(600)\n")
+    session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "-p", "kuberl_operator.devcluster.pytest_plugin", str(tmp_path / "test_held.py")],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), timeout=60,
+                 what="the inner session's fixture to start its process")
+        child = int((tmp_path / "pid").read_text())
+        session.send_signal(signal.SIGTERM)
+        out, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    alive = _pid_alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, f"the fixture's process outlived the session:\n{out}"
+    assert "KeyboardInterrupt" in out and session.returncode == 2, out
+
+
 def _config_for(kubeconfig: Path) -> client.Configuration:
     from kubernetes import config
 

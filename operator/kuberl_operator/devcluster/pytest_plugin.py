@@ -10,6 +10,7 @@ The repository's root conftest.py loads this plugin (``pytest_plugins``), so eve
   before the first test. With ``KUBERL_E2E_EXISTING_CLUSTER=1`` it uses the cluster ``KUBECONFIG``
   points at instead; tests that need kwok's simulation should then skip with ``needs_kwok(handle)``.
   All processes end with the session, and get SIGKILL if pytest itself dies (PR_SET_PDEATHSIG).
+  A SIGTERM to pytest stops the session like Ctrl-C, so every fixture still tears down.
 - ``kube_api``: a ``kubernetes.client.ApiClient`` for that cluster.
 - ``namespace``: a fresh namespace (default service account present), deleted after the test.
 - ``wait_for(predicate, timeout, what)``: poll until ``predicate()`` is truthy and return it.
@@ -43,6 +44,8 @@ controller taints the node ``node.kubernetes.io/unreachable`` and later evicts i
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +134,19 @@ class ClusterHandle:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+
+def _terminated(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the session at once
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: tearing down the fixtures")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout`, a CI runner or `kill` stop a session with SIGTERM, which ends Python at once: no
+    # fixture teardown, so the operators and the e2e pod runner's pods (their own sessions) lived on
+    # after it. Handled like Ctrl-C instead: pytest stops and every fixture tears down.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
