@@ -34,7 +34,8 @@ It is NOT a kubelet and isolates nothing. What it does, so that RLJob pods can r
   and its policy is ``FallbackToLogsOnError``, the log's last 80 lines / 2048 bytes;
 - on deletion (deletionTimestamp set) sends SIGTERM to the process group, SIGKILL after the grace
   period (capped at ``max_grace_s``), then removes the pod (grace 0); ``stop()`` kills every process
-  and deletes the node.
+  and deletes the node. Pod processes also die with the runner when it is killed outright
+  (PR_SET_PDEATHSIG): a test session that dies leaves no training processes behind.
 
 Each pod's output goes to ``<work>/logs/<namespace>_<pod>_<seq>_<uid8>.log``; the pid (= process
 group) of its latest process is in ``<work>/pids/<namespace>_<pod>``.
@@ -43,6 +44,7 @@ group) of its latest process is in ``<work>/pids/<namespace>_<pod>``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import itertools
 import os
@@ -72,6 +74,11 @@ RENEW_S = 5.0
 TERMINATION_MESSAGE_BYTES = 4096  # the kubelet's limits: of the file, and of the log's tail
 TERMINATION_LOG_TAIL_BYTES = 2048
 TERMINATION_LOG_TAIL_LINES = 80
+PR_SET_PDEATHSIG = 1
+try:  # looked up here: the forked child, before exec, should only call it
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
 
 
 def free_port() -> int:
@@ -144,8 +151,8 @@ class PodRunner:
 
     def stop(self) -> None:
         """Kill every process (SIGKILL to its group), stop the threads and delete the node."""
-        self.stopping.set()
-        with self.lock:
+        with self.lock:  # a pod starting meanwhile sees `stopping` when it registers (see _start)
+            self.stopping.set()
             running = list(self.pods.values())
         for r in running:
             _killpg(r.proc, signal.SIGKILL)
@@ -287,7 +294,8 @@ class PodRunner:
         argv = [_expand(a, env) for a in [*c.command, *(c.args or [])]]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_runner)
         (self.work / "pids" / f"{ns}_{name}").write_text(f"{proc.pid}\n")  # for kill -- -PID by hand
         probe = c.readiness_probe.http_get if c.readiness_probe is not None else None
         running = Running(ns, name, uid, c.name, proc, log_path, termination_log, http_port, now(),
@@ -295,6 +303,11 @@ class PodRunner:
                           probe_path=(probe.path or "/") if probe is not None else None, ready=probe is None)
         with self.lock:
             self.pods[uid] = running
+            stopped = self.stopping.is_set()
+        if stopped:  # stop() had already listed the processes to kill
+            _killpg(proc, signal.SIGKILL)
+            proc.wait()
+            return
         with running.status_lock:
             self._patch_status(ns, name, {
                 "phase": "Running", "podIP": LOCALHOST, "podIPs": [{"ip": LOCALHOST}], "hostIP": LOCALHOST,
@@ -476,6 +489,13 @@ def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) references; $$(VAR) stays literal."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def _die_with_runner() -> None:
+    """preexec_fn: SIGKILL for the pod's process when the thread that starts pods (the runner's
+    watch, which lasts as long as the runner) ends, however the runner ends."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

@@ -250,3 +250,43 @@ def test_cli_runner_leaves_signals_to_its_pods_and_stops_on_sigterm(k8s_cluster,
             return e.status == 404
 
     wait_for(node_gone, timeout=30, what=f"node {node} deleted by the stopped runner")
+
+
+def test_pods_die_with_a_runner_killed_outright(k8s_cluster, e2e_api, e2e_namespace, tmp_path):
+    """A runner killed with SIGKILL (the test session that ran it died) cannot stop its pods: their
+    processes die with it instead of running on with nobody to stop them."""
+    core = client.CoreV1Api(e2e_api)
+    node = "e2e-killed-runner"
+    log_path, pid_path = tmp_path / "runner.log", tmp_path / "pid"
+    with open(log_path, "wb") as log:
+        runner = subprocess.Popen([sys.executable, "-m", "e2e.pod_runner", "--node", node,
+                                   "--work-dir", str(tmp_path / "work")],
+                                  cwd=Path(__file__).resolve().parents[1], env=k8s_cluster.env(),
+                                  stdout=log, stderr=subprocess.STDOUT)
+    pid = None
+    try:
+        wait_for(lambda: f"node {node} Ready" in log_path.read_text(), timeout=60, what=f"runner {node} started")
+        pod = make_pod("orphan", f"""
+            import os, pathlib, time
+            pathlib.Path({str(pid_path)!r}).write_text(str(os.getpid()))
+            time.sleep(600)
+        """)
+        pod["spec"]["nodeSelector"] = {RUNNER_KEY: node}
+        core.create_namespaced_pod(e2e_namespace, pod)
+        pid = int(wait_for(lambda: pid_path.exists() and pid_path.read_text(), timeout=60, what="the pod's pid"))
+        runner.kill()
+        runner.wait()
+        wait_for(lambda: not alive(pid), timeout=30, what="the pod's process to die with its runner")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        if pid is not None and alive(pid):
+            os.kill(pid, 9)
+        for delete in (lambda: core.delete_namespaced_pod("orphan", e2e_namespace, grace_period_seconds=0),
+                       lambda: core.delete_node(node)):
+            try:
+                delete()
+            except client.exceptions.ApiException as e:
+                if e.status != 404:
+                    raise
