@@ -22,6 +22,7 @@ import socket
 import statistics
 import sys
 import time
+from queue import Empty
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _result(queue, procs, timeout_s: float) -> dict:
+    """Rank 0's result; a worker that died first (or the deadline) stops the others and fails the run
+    at once, instead of leaving the rest waiting for it in a collective."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                    p.join()
+                raise RuntimeError(f"W3 workers failed (rank, exit code): {failed}" if failed
+                                   else f"W3 gave no result within {timeout_s:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    res = queue.get(timeout=900)
+    res = _result(queue, procs, timeout_s=900)
     for p in procs:
         p.join(timeout=60)
     ours, flat = statistics.median(res["ours"]), statistics.median(res["flat"])
