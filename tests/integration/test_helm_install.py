@@ -156,15 +156,16 @@ def operator_reconciles(kube_api, kubeconfig: Path, tmp_path: Path, job_ns: str,
     name = f"rbac-{secrets.token_hex(3)}"
     op = Operator(kubeconfig, tmp_path / f"operator-{name}.log", *args)
     try:
-        wait_for(lambda: op.jobs_seen() is not None, timeout=30, what="the operator's health endpoint")
+        # The operator's start (imports, kopf's first list calls) takes 5-15 s on a busy machine.
+        wait_for(lambda: op.jobs_seen() is not None, timeout=60, what="the operator's health endpoint")
         custom.create_namespaced_custom_object("kuberl.io", "v1alpha1", job_ns, "rljobs", rljob(name))
         wait_for(pods_running(core, job_ns, name, 2), timeout=60, what=f"2 Running pods of {name}")
         wait_for(lambda: custom.get_namespaced_custom_object_status(
             "kuberl.io", "v1alpha1", job_ns, "rljobs", name).get("status", {}).get("phase") == "Running",
             timeout=30, what=f"{name} status.phase Running")
         # The job was reconciled by this process (not by another operator): it tracks its phase.
-        # (kopf caches probe results for 10 s.)
-        wait_for(lambda: op.jobs_seen() >= 1, timeout=20, what="the operator to report the job",
+        # (kopf caches probe results for 10 s, so this takes up to 10 s on any machine.)
+        wait_for(lambda: op.jobs_seen() >= 1, timeout=60, what="the operator to report the job",
                  interval=1.0)
     finally:
         log = op.stop()
