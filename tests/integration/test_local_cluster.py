@@ -279,9 +279,11 @@ def test_dev_cluster_cli_runs_a_second_cluster_side_by_side_and_stops_it(k8s_clu
     state_dir = tmp_path / "second"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
+        # Past `up`'s own 120 s deadline (plus start-up and PKI): killed before it, `up` could not
+        # stop what it had started, and its detached processes would outlive the test.
         return subprocess.run(
             [sys.executable, "-m", "kuberl_operator.devcluster", *args,
-             f"--state-dir={state_dir}"], capture_output=True, text=True, timeout=120,
+             f"--state-dir={state_dir}"], capture_output=True, text=True, timeout=300,
             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
 
     up = cli("up", "--gpu-pool=1xNVIDIA-H200:2", "--cpu-nodes=0")
