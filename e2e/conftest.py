@@ -21,7 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from e2e.pod_runner import RUNNER_KEY, PodRunner, free_port
-from kuberl_operator.devcluster.pytest_plugin import die_with_session, install_crd, wait_for
+from kuberl_operator.devcluster.pytest_plugin import die_with_parent, install_crd, wait_for
 
 RUNNER_NODE = "e2e-runner"
 RUNNER_TOLERATION = {"key": RUNNER_KEY, "operator": "Exists", "effect": "NoSchedule"}
@@ -82,7 +82,7 @@ def e2e_operator(k8s_cluster, e2e_api, pod_runner, tmp_path_factory):
            "--progress-interval", "1", "--progress-url-template", pod_runner.progress_url_template]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=k8s_cluster.env(), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_session)
+                                preexec_fn=die_with_parent)
     op = OperatorProcess(proc, log_path, liveness)
     try:
         wait_for(op.healthy, timeout=60, what="the operator's liveness endpoint")

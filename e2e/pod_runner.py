@@ -44,7 +44,6 @@ group) of its latest process is in ``<work>/pids/<namespace>_<pod>``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import itertools
 import os
@@ -65,6 +64,8 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from kuberl_operator.devcluster.cluster import die_with_parent
+
 RUNNER_KEY = "kuberl.io/pod-runner"  # node label and taint key; value = node name
 LOCALHOST = "127.0.0.1"
 SERVICE_DNS = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?$")
@@ -74,11 +75,6 @@ RENEW_S = 5.0
 TERMINATION_MESSAGE_BYTES = 4096  # the kubelet's limits: of the file, and of the log's tail
 TERMINATION_LOG_TAIL_BYTES = 2048
 TERMINATION_LOG_TAIL_LINES = 80
-PR_SET_PDEATHSIG = 1
-try:  # looked up here: the forked child, before exec, should only call it
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
 
 
 def free_port() -> int:
@@ -295,7 +291,7 @@ class PodRunner:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_runner)
+                                    preexec_fn=die_with_parent)  # tied to the watch thread: the runner's life
         (self.work / "pids" / f"{ns}_{name}").write_text(f"{proc.pid}\n")  # for kill -- -PID by hand
         probe = c.readiness_probe.http_get if c.readiness_probe is not None else None
         running = Running(ns, name, uid, c.name, proc, log_path, termination_log, http_port, now(),
@@ -489,13 +485,6 @@ def _expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) references; $$(VAR) stays literal."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                   lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
-
-
-def _die_with_runner() -> None:
-    """preexec_fn: SIGKILL for the pod's process when the thread that starts pods (the runner's
-    watch, which lasts as long as the runner) ends, however the runner ends."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kuberl_operator import labels
 from kuberl_operator.api import GROUP, PLURAL, VERSION
-from kuberl_operator.devcluster.pytest_plugin import die_with_session, install_crd, wait_for  # noqa: F401 - install_crd re-exported to the tests
+from kuberl_operator.devcluster.pytest_plugin import die_with_parent, install_crd, wait_for  # noqa: F401 - install_crd re-exported to the tests
 from kuberl_runtime.contract import Progress
 
 Obj = dict[str, Any]
@@ -143,7 +143,7 @@ def start_operator(k8s_cluster, log_path: Path, progress_interval: float = 1.0,
     env = k8s_cluster.env()
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_session)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     op = OperatorProcess(proc, metrics_port, liveness_port, log_path)
 
     def up():

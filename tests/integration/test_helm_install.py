@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kuberl_operator.devcluster.pytest_plugin import die_with_session, needs_kwok, wait_for
+from kuberl_operator.devcluster.pytest_plugin import die_with_parent, needs_kwok, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ class Operator:
             [sys.executable, "-m", "kuberl_operator.cli", "operator", "--metrics-port=0",
              f"--liveness=http://127.0.0.1:{self.health}/healthz", *args],
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_session)
+            preexec_fn=die_with_parent)
 
     def jobs_seen(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/healthz", timeout=2) as resp:

@@ -63,8 +63,9 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the process that started it dies."""
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the process that started it dies (strictly: the
+    thread that started it; start children from one that lasts, as the main thread does)."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -199,7 +200,7 @@ class LocalCluster:
         self.processes[name] = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.state_dir, start_new_session=True,
-            preexec_fn=_die_with_parent if self.tie_to_parent else None)
+            preexec_fn=die_with_parent if self.tie_to_parent else None)
         log_file.close()
         self.log(f"started {name} (pid {self.processes[name].pid})")
 

@@ -15,7 +15,7 @@ The repository's root conftest.py loads this plugin (``pytest_plugins``), so eve
 - ``namespace``: a fresh namespace (default service account present), deleted after the test.
 - ``wait_for(predicate, timeout, what)``: poll until ``predicate()`` is truthy and return it.
 - ``install_crd(api_client)``: create (or replace) the RLJob CRD and wait until it is Established.
-- ``die_with_session``: a ``preexec_fn`` for processes a test starts (an operator, say): SIGKILL when
+- ``die_with_parent``: a ``preexec_fn`` for processes a test starts (an operator, say): SIGKILL when
   pytest dies without tearing down (SIGKILL, the OOM killer), as the cluster's own processes get.
 
 The cluster (defaults, see nodes.py): 4 GPU nodes ``kwok-gpu-h100-80gb-hbm3-{0..3}`` with
@@ -55,7 +55,7 @@ from pathlib import Path
 import pytest
 
 from .build import ensure_binaries, locate_binaries
-from .cluster import LocalCluster, _die_with_parent
+from .cluster import LocalCluster, die_with_parent  # noqa: F401 - for the tests' own processes
 
 EXISTING_CLUSTER_ENV = "KUBERL_E2E_EXISTING_CLUSTER"
 
@@ -83,9 +83,6 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
                                  f"last result: {last!r}")
         time.sleep(interval)
-
-
-die_with_session = _die_with_parent
 
 
 def install_crd(api_client, timeout: float = 30.0) -> None:
