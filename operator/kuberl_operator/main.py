@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import kopf
 
-from kuberl_operator import labels
+from kuberl_operator import kopf_patches, labels
 from kuberl_operator.api import GROUP, PLURAL, VERSION
 from kuberl_operator.handlers import handle_child_event, handle_job_event, handle_startup
+
+kopf_patches.apply()  # before kopf.run starts its observers
 
 
 @kopf.on.startup()
